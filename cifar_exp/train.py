@@ -1,0 +1,282 @@
+"""The training loop: plain, explicit, and returning its results. It talks to a Tracker, never to mlflow."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.transforms import v2
+
+from . import data as D
+from .config import ConfigError, TrainConfig
+from .evaluate import TSNE_POINTS, evaluate, softmax, stratified_subsample
+from .models import (
+    ImageClassifier, Preprocess, WeightsMismatch, build_model, count_parameters, head_parameter_names, load_backbone,
+    penultimate_features,
+)
+
+if TYPE_CHECKING:
+    from .tracking import Tracker
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]]  # one dict of metrics per epoch
+    best_epoch: int
+    test_metrics: dict[str, float]  # prefixed test_*
+    model: nn.Module  # the best weights, as the served ImageClassifier, on the CPU
+    model_uri: str | None = None
+    checkpoint_dir: Path | None = None
+    extras: dict = field(default_factory=dict)
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    if preference != "auto":
+        return torch.device(preference)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def build_net(cfg: TrainConfig, num_classes: int = D.NUM_CLASSES) -> nn.Module:
+    net = build_model(cfg.model, num_classes, cfg.width)
+    if cfg.model == "resnet18" and cfg.pretrained != "none":
+        state = D.imagenet_resnet18_state() if cfg.pretrained == "imagenet" else D.read_state_dict(cfg.pretrained)
+        try:
+            load_backbone(net, state)
+        except WeightsMismatch as e:
+            raise D.DataError(f"pretrained {cfg.pretrained}: {e}") from None
+    return net
+
+
+def build_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD; a pretrained backbone trains at lr x backbone_lr_scale so fine-tuning does not wreck it."""
+    head = head_parameter_names(net)
+    scale = cfg.backbone_lr_scale if cfg.model == "resnet18" and cfg.pretrained != "none" else 1.0
+    groups = [
+        {"params": [p for n, p in net.named_parameters() if n in head], "lr": cfg.lr},
+        {"params": [p for n, p in net.named_parameters() if n not in head], "lr": cfg.lr * scale},
+    ]
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per batch, so warmup and decay are smooth at any epoch count."""
+    S = torch.optim.lr_scheduler
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    if cfg.schedule == "onecycle":
+        peaks = [g["lr"] for g in opt.param_groups]
+        return S.OneCycleLR(opt, max_lr=peaks, total_steps=total, pct_start=max(warmup, 1) / total)
+    if cfg.schedule == "cosine":
+        main = S.CosineAnnealingLR(opt, T_max=max(total - warmup, 1))
+    else:
+        main = S.MultiStepLR(opt, [m * steps_per_epoch - warmup for m in cfg.milestone_epochs()], cfg.gamma)
+    if warmup == 0:
+        return main
+    return S.SequentialLR(opt, [S.LinearLR(opt, start_factor=0.01, total_iters=warmup), main], milestones=[warmup])
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def _mixer(cfg: TrainConfig):
+    """torchvision's batch MixUp/CutMix (one of the two per batch when both are on)."""
+    mixes = []
+    if cfg.mixup_alpha > 0:
+        mixes.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=D.NUM_CLASSES))
+    if cfg.cutmix_alpha > 0:
+        mixes.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=D.NUM_CLASSES))
+    return v2.RandomChoice(mixes) if mixes else None
+
+
+def train_one_epoch(net, prep, batches, opt, sched, loss_fn, device, cfg: TrainConfig, mixer=None, bar=None) -> dict[str, float]:
+    net.train()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    seen = 0
+    for images, labels in batches:
+        x = prep(images)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        target = labels
+        if mixer is not None:
+            x, target = mixer(x, labels)  # soft targets; accuracy still counts the original label
+        with _autocast(device, cfg.amp):
+            logits = net(x)
+        loss = loss_fn(logits.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        # Accumulate on the device: a .item() per batch would sync the GPU every step.
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+        if bar is not None:
+            bar.update(1)
+    if not math.isfinite(loss_sum.item()):
+        raise FloatingPointError("training loss became NaN or inf; lower --lr")
+    return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen, "images": seen}
+
+
+@torch.no_grad()
+def predict_logits(net, prep, batches, device, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    net.eval()
+    outs, labels = [], []
+    for images, y in batches:
+        with _autocast(device, cfg.amp):
+            outs.append(net(prep(images)).float().cpu())
+        labels.append(y.cpu())
+    return torch.cat(outs).numpy(), torch.cat(labels).numpy()
+
+
+def _val_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    t = torch.from_numpy(logits)
+    y = torch.from_numpy(labels)
+    top5 = t.topk(min(5, t.shape[1]), dim=1).indices
+    return {
+        "val_loss": nn.functional.cross_entropy(t, y).item(),
+        "val_accuracy": (top5[:, 0] == y).float().mean().item(),
+        "val_top5_accuracy": (top5 == y[:, None]).any(1).float().mean().item(),
+    }
+
+
+def _progress(total: int, desc: str):
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+@dataclass
+class Prepared:
+    """Everything that can fail on bad input, done before any run is created."""
+
+    data: D.Cifar100
+    train: D.Split
+    val: D.Split
+    net: nn.Module
+
+
+def prepare(cfg: TrainConfig, data: D.Cifar100 | None = None) -> Prepared:
+    """Load data and weights and check they fit the config; raises DataError or ConfigError."""
+    seed_everything(cfg.seed, cfg.deterministic)  # before the net exists, so its init is seeded
+    data = data or D.load_cifar100(cfg.data_path, cfg.download)
+    train_idx, val_idx = D.stratified_split(data.train.labels.numpy(), cfg.val_fraction, cfg.seed)
+    train, val = data.train.subset(train_idx), data.train.subset(val_idx)
+    if cfg.batch_size > len(train):
+        raise ConfigError(f"batch_size: {cfg.batch_size} is larger than the training split ({len(train)} images)")
+    return Prepared(data, train, val, build_net(cfg))
+
+
+def run(cfg: TrainConfig, tracker: "Tracker", prepared: Prepared | None = None, workdir: Path | None = None) -> TrainResult:
+    """Train, keep the best and last checkpoints, test the best one, and report all of it to `tracker`."""
+    p = prepared or prepare(cfg)
+    data, train_split, val_split = p.data, p.train, p.val
+    device = pick_device(cfg.device)
+    tracker.log_dataset(data, {"train": train_split, "validation": val_split, "test": data.test})
+
+    net = p.net.to(device)
+    if cfg.channels_last:  # NHWC convolutions: faster on CUDA tensor cores and, measured here, on CPU too
+        net = net.to(memory_format=torch.channels_last)
+    prep = Preprocess(cfg.image_size).to(device)
+    train_batches = D.DeviceBatches(train_split, cfg.batch_size, device, train=True, seed=cfg.seed)
+    val_batches = D.DeviceBatches(val_split, cfg.batch_size * 2, device, train=False)
+    opt = build_optimizer(net, cfg)
+    sched = build_scheduler(opt, cfg, len(train_batches))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    mixer = _mixer(cfg)
+
+    ckpt_dir = Path(workdir or tempfile.mkdtemp(prefix="cifar_exp-"))
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    history: list[dict[str, float]] = []
+    train_start = time.perf_counter()
+    best_acc, best_epoch = -1.0, -1
+    for epoch in range(cfg.epochs):
+        train_batches.set_epoch(epoch)
+        lr = opt.param_groups[0]["lr"]
+        bar = _progress(len(train_batches), f"epoch {epoch + 1}/{cfg.epochs}")
+        start = time.perf_counter()
+        stats = train_one_epoch(net, prep, train_batches, opt, sched, loss_fn, device, cfg, mixer, bar)
+        seconds = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        metrics = {
+            "train_loss": stats["train_loss"], "train_accuracy": stats["train_accuracy"],
+            **_val_metrics(*predict_logits(net, prep, val_batches, device, cfg)),
+            "lr": lr, "epoch_seconds": seconds, "images_per_second": stats["images"] / seconds,
+        }
+        history.append(metrics)
+        tracker.log_metrics(metrics, step=epoch)
+        state = {"epoch": epoch, "config": cfg.model_dump(mode="json"), "model": net.state_dict()}
+        if metrics["val_accuracy"] > best_acc:
+            best_acc, best_epoch = metrics["val_accuracy"], epoch
+            torch.save(state, ckpt_dir / "best.pt")
+        torch.save({**state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "best_val_accuracy": best_acc}, ckpt_dir / "last.pt")
+        print(f"epoch {epoch + 1}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+
+    net.load_state_dict(torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=True)["model"])
+    test_batches = D.DeviceBatches(data.test, cfg.batch_size * 2, device, train=False)
+    logits, labels = predict_logits(net, prep, test_batches, device, cfg)
+    probs = softmax(logits)
+    sample = stratified_subsample(labels, TSNE_POINTS, cfg.seed)
+    images = data.test.images[torch.from_numpy(sample)].to(device)
+    net.eval()
+    with _autocast(device, cfg.amp):
+        features = penultimate_features(nn.Sequential(prep, net), images.split(cfg.batch_size * 2)).numpy()
+    ev = evaluate(probs, labels, data.classes, data.superclasses, data.fine_to_coarse,
+                  features, labels[sample], history, cfg.seed)
+    test = {**ev.metrics, "best_epoch": float(best_epoch), "training_seconds": sum(h["epoch_seconds"] for h in history),
+            "wall_seconds": time.perf_counter() - train_start, "parameter_count": float(count_parameters(net))}
+    served = ImageClassifier(net.to("cpu", memory_format=torch.contiguous_format), cfg.image_size).eval()
+    tracker.log_artifacts(ckpt_dir, "checkpoints")
+    uri = None
+    if cfg.log_model:
+        uri = tracker.log_model(served, data.test.images[:2].permute(0, 2, 3, 1).numpy(), _model_metadata(cfg, data))
+    tracker.log_evaluation(ev)
+    tracker.log_summary(test)
+    print("test " + " ".join(f"{k}={v:.4g}" for k, v in test.items()), flush=True)
+    return TrainResult(history, best_epoch, test, served, uri, ckpt_dir,
+                       {"test_logits": logits, "test_labels": labels, "evaluation": ev})
+
+
+def _model_metadata(cfg: TrainConfig, data: D.Cifar100) -> dict:
+    """Travels inside the MLmodel file, so predictions turn into names without the dataset."""
+    return {
+        "cifar_exp_model": cfg.model,
+        "input": "uint8 RGB images, shape (N, 32, 32, 3)",
+        "output": f"probabilities, shape (N, {len(data.classes)})",
+        "class_names": data.classes,
+        "superclass_names": data.superclasses,
+        "fine_to_coarse": data.fine_to_coarse,
+        "input_size": cfg.image_size,
+        "dataset_digest": data.digest,
+    }
