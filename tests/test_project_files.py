@@ -73,3 +73,20 @@ def test_mlflow_run_train_entry_point(model, tmp_path, data_root, tracking_uri):
     assert "param_conflicts" not in run.data.tags  # -P lr=5e-2 and our 0.05 agree
     assert [m.step for m in c.get_metric_history(run.info.run_id, "val_accuracy")] == [0]
     assert "test_accuracy" in run.data.metrics and run.data.tags["model_uri"].startswith("models:/")
+
+
+def test_readme_documents_every_parameter_and_command():
+    readme = (ROOT / "README.md").read_text()
+    for name in TrainConfig.model_fields:
+        assert f"`--{name.replace('_', '-')}`" in readme, name
+    from cifar_exp.cli import cli
+
+    for command in cli.commands:
+        assert f"cifar-exp {command}" in readme, command
+
+
+def test_ci_runs_the_readme_install_and_test_commands():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'pip install -e ".[test]"' in readme and 'pip install --quiet -e ".[test]"' in ci
+    assert "python -m pytest" in readme and "\npython -m pytest" in ci
