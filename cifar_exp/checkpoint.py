@@ -8,17 +8,30 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+
+from typing import Any
 
 import numpy as np
 import torch
 
+from .config import ConfigError, TrainConfig, make_config
+
 LAST, BEST = "last.pt", "best.pt"
+# What may differ when a run is resumed: more epochs, or the same data found elsewhere.
+RESUMABLE_CHANGES = ("epochs", "data_dir")
+FOLDER = "checkpoints"  # locally under the run's workdir, and the run's artifact path
 
 
 def runs_home() -> Path:
-    """Where checkpoints live locally (and stay if an upload fails): $CIFAR_EXP_HOME/runs."""
+    """Where runs keep their files locally (and keep them if an upload fails): $CIFAR_EXP_HOME/runs."""
     return Path(os.environ.get("CIFAR_EXP_HOME") or "~/.cache/cifar_exp").expanduser() / "runs"
+
+
+def run_dir(run_id: str) -> Path:
+    return runs_home() / run_id
 
 
 def rng_state() -> dict:
@@ -47,6 +60,7 @@ def set_rng_state(state: dict) -> None:
 
 def save(path: Path, **state) -> None:
     """Write atomically: a kill mid-write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -54,3 +68,43 @@ def save(path: Path, **state) -> None:
 
 def load(path: Path, device: torch.device | str = "cpu") -> dict:
     return torch.load(path, map_location=device, weights_only=True)
+
+
+def restore(state: dict, net: torch.nn.Module, opt: torch.optim.Optimizer, sched, epochs: int,
+            replan: Callable[[], Any]):
+    """Load a checkpoint into fresh objects; returns the scheduler to go on with.
+
+    With more epochs than the run planned, `replan()` builds the new schedule, which is then
+    fast-forwarded to the step where training stopped. There is no GradScaler state: bf16 autocast
+    needs no loss scaling.
+    """
+    net.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    if state["config"]["epochs"] == epochs:
+        sched.load_state_dict(state["scheduler"])
+    else:
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"]
+        sched = replan()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()" is the point here
+            for _ in range(state["scheduler"]["last_epoch"]):  # steps taken so far
+                sched.step()
+    set_rng_state(state["rng"])
+    return sched
+
+
+def resume_config(state: dict, given: dict[str, Any], run_id: str) -> TrainConfig:
+    """The checkpoint's config with the user's epochs/data_dir; any other difference is refused."""
+    saved = make_config(state["config"])
+    merged = make_config({**state["config"], **given})
+    for name in TrainConfig.model_fields:
+        if name not in RESUMABLE_CHANGES and getattr(merged, name) != getattr(saved, name):
+            raise ConfigError(
+                f"{name}: run {run_id} was trained with {getattr(saved, name)!r}, not {getattr(merged, name)!r}; "
+                f"only {' and '.join(RESUMABLE_CHANGES)} may change when resuming (start a new run to change more)"
+            )
+    done = state["next_epoch"] + (1 if state["progress"]["batches"] else 0)
+    if merged.epochs < done:
+        raise ConfigError(f"epochs: run {run_id} has already started epoch {done}; give --epochs {done} or more")
+    return merged

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import typing
@@ -27,6 +28,16 @@ def _click_type(annotation) -> tuple[click.ParamType, bool]:
     return {int: click.INT, float: click.FLOAT}.get(annotation, click.STRING), False
 
 
+def _require_tracking() -> None:
+    """One clear line, at once, when the tracking server is down (MLflow would retry for minutes)."""
+    from .tracking import TrackingError, check_tracking_server
+
+    try:
+        check_tracking_server()
+    except TrackingError as e:
+        _fail(str(e))
+
+
 def config_options(fn):
     """One option per TrainConfig field, default None so only what the user typed overrides."""
     for name, info in reversed(TrainConfig.model_fields.items()):
@@ -46,35 +57,94 @@ def cli() -> None:
     """Train and compare CIFAR-100 models, tracked in MLflow."""
 
 
+class StopOnSignal:
+    """First SIGINT/SIGTERM: finish the batch, save a checkpoint, end the run KILLED. A second: stop at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __enter__(self) -> "StopOnSignal":
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"{name} again: stopped at once")
+        self.signum = signum
+        click.echo(f"\n{name}: finishing this batch and saving a checkpoint (send it again to stop at once)", err=True)
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="YAML or JSON file of config fields; flags override it.")
+@click.option("--resume", "resume_id", metavar="RUN_ID",
+              help="Continue this KILLED or FAILED run from its last checkpoint; only --epochs and --data-dir may change.")
 @config_options
-def train(config_file: Path | None, **overrides) -> None:
+def train(config_file: Path | None, resume_id: str | None, **overrides) -> None:
     """Train one model, test its best checkpoint, and log everything to MLflow."""
+    from .checkpoint import RESUMABLE_CHANGES, resume_config
+    from .config import given_values, make_config
+
+    if resume_id:  # MLproject's resume entry point passes 0 and "" for "as the run had it"
+        overrides = {k: None if k in RESUMABLE_CHANGES and v in (0, "") else v for k, v in overrides.items()}
     try:
-        cfg = load_config(config_file, **overrides)
+        given = given_values(config_file, **overrides)
+        cfg = make_config(given)  # before torch and mlflow load: a typo in a flag answers at once
     except ConfigError as e:
-        _fail(str(e))  # before torch loads: a typo in a flag answers at once
+        _fail(str(e))
+    from . import tracking
+
+    try:
+        tracking.check_tracking_server()
+        point = tracking.load_resume_point(resume_id) if resume_id else None
+        if point is not None:
+            cfg = resume_config(point.state, given, resume_id)
+    except (ConfigError, tracking.TrackingError) as e:
+        _fail(str(e))
     from . import train as T
     from .data import DataError
 
     try:
         prepared = T.prepare(cfg)  # bad data or weights fail here, before a run exists
+        if point is not None and point.dataset_digest not in (None, prepared.data.digest):
+            raise DataError(f"data_dir: {cfg.data_path} holds a different dataset (digest {prepared.data.digest}) "
+                            f"than run {resume_id} trained on ({point.dataset_digest})")
     except (ConfigError, DataError) as e:
         _fail(str(e))
-    from .tracking import mlflow_run
 
-    # SIGTERM (preemption, `kill`) ends the run as KILLED, as Ctrl-C does.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        with mlflow_run(cfg) as tracker:
-            click.echo(f"run {tracker.run_id} in experiment '{tracker.experiment_name}'")
-            result = T.run(cfg, tracker, prepared)
-    except KeyboardInterrupt:
-        _fail("interrupted; the run was ended as KILLED", 130)
-    except (ConfigError, DataError) as e:
-        _fail(str(e))
+    run_id = resume_id
+    with StopOnSignal() as stop:
+        try:
+            with tracking.resumed_run(point) if point else tracking.mlflow_run(cfg) as tracker:
+                run_id = tracker.run_id
+                click.echo(f"run {run_id} in experiment '{tracker.experiment_name}'"
+                           + (f", resumed at epoch {point.state['next_epoch'] + 1}" if point else ""))
+                result = T.run(cfg, tracker, prepared, tracker.workdir, point.state if point else None, stop)
+        except KeyboardInterrupt as e:
+            _fail(f"{e or 'interrupted'}; run {run_id} ended KILLED. Resume it with: cifar-exp train --resume {run_id}",
+                  stop.exit_code)
+        except (ConfigError, DataError) as e:
+            _fail(str(e))
+        except Exception:
+            click.echo(f"run {run_id} ended FAILED (traceback below and in its error.txt); "
+                       f"after fixing the cause: cifar-exp train --resume {run_id}", err=True)
+            raise
+    _report(cfg, result, run_id)
+
+
+def _report(cfg: TrainConfig, result, run_id: str) -> None:
     m = result.test_metrics
     click.echo(
         f"test_accuracy={m['test_accuracy']:.4f} test_top5_accuracy={m['test_top5_accuracy']:.4f} "
@@ -85,7 +155,7 @@ def train(config_file: Path | None, **overrides) -> None:
     if cfg.register_as:
         from .registry import register
 
-        reg = register(result.model_uri, cfg.register_as, cfg.model, m, tracker.run_id)
+        reg = register(result.model_uri, cfg.register_as, cfg.model, m, run_id)
         champ = "champion" in reg.aliases
         click.echo(f"registered {reg.uri} as {', '.join(reg.aliases)}"
                    + ("" if champ else f" (champion stays version {reg.previous_champion}: higher test_accuracy)"))
@@ -104,6 +174,7 @@ def evaluate(model_uri, run_id, data_dir, download, into_source_run, experiment_
     """Re-evaluate a logged or registered model on the CIFAR-100 test set, from a fresh process."""
     if bool(model_uri) == bool(run_id):
         _fail("give exactly one of --model-uri and --run-id")
+    _require_tracking()
     from . import registry
     from .config import default_data_dir
     from .data import DataError, load_cifar100
@@ -138,6 +209,8 @@ def evaluate(model_uri, run_id, data_dir, download, into_source_run, experiment_
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 def predict(model_uri: str, images: tuple[str, ...], top_k: int, fmt: str) -> None:
     """Classify image files (PNG, JPEG; any size or mode) with a logged or registered model."""
+    if model_uri.startswith(("models:", "runs:")):
+        _require_tracking()
     import json
 
     from . import registry
@@ -162,6 +235,7 @@ def predict(model_uri: str, images: tuple[str, ...], top_k: int, fmt: str) -> No
 @click.option("--alias", default="champion", show_default=True)
 def promote(name: str, version: int, alias: str) -> None:
     """Point an alias (champion by default) at a version of a registered model."""
+    _require_tracking()
     from . import registry
 
     try:
@@ -175,6 +249,7 @@ def promote(name: str, version: int, alias: str) -> None:
 @click.argument("name")
 def models(name: str) -> None:
     """List the versions of a registered model with their aliases and metrics."""
+    _require_tracking()
     from . import registry
 
     try:
@@ -203,6 +278,7 @@ def models(name: str) -> None:
 @click.option("--stats/--no-stats", default=True, show_default=True, help="Bootstrap CIs and McNemar (need predictions).")
 def compare(experiment_name, metric, family, tag, since, filter_string, fmt, report_dir, log_run, stats) -> None:
     """Rank scratch-CNN runs against ResNet-18 runs, with confidence intervals and a paired test."""
+    _require_tracking()
     import tempfile
 
     from mlflow.exceptions import MlflowException
@@ -226,7 +302,9 @@ def compare(experiment_name, metric, family, tag, since, filter_string, fmt, rep
 
 def main() -> None:
     """Entry point: click's usage errors become one `Error:` line (no usage dump), exit code 2."""
-    # MLflow's INFO chatter (creating tables, experiments) would bury our one-line messages.
+    # MLflow's INFO chatter (creating tables, experiments) would bury our one-line messages. mlflow
+    # configures its logger when imported (lazily, below), from this variable.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
         code = cli.main(prog_name="cifar-exp", standalone_mode=False)

@@ -166,11 +166,21 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
-    """Defaults < config file < overrides (None means 'not given'); raises ConfigError."""
+def given_values(path: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """What the user set: the config file's keys, then overrides (None means 'not given')."""
     values = read_config_file(path) if path else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
+    return values
+
+
+def make_config(values: dict[str, Any]) -> TrainConfig:
+    """TrainConfig(**values), with a one-line ConfigError for anything invalid."""
     try:
         return TrainConfig(**values)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e)) from None
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults < config file < overrides (None means 'not given'); raises ConfigError."""
+    return make_config(given_values(path, **overrides))

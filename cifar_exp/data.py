@@ -25,6 +25,7 @@ FOLDER = "cifar-100-python"
 SPLIT_FILES = ("train", "test", "meta")
 NUM_CLASSES, NUM_SUPERCLASSES = 100, 20
 IMAGE_SHAPE = (3, 32, 32)
+CROP_PADDING = 4  # pixels, RandomCrop(32, padding=4)
 
 
 class DataError(RuntimeError):
@@ -73,7 +74,7 @@ def _offline_message(root: Path, reason: str) -> str:
 def ensure_cifar100(root: Path, download: bool = True) -> Path:
     """Return the extracted `cifar-100-python` folder, extracting or downloading as needed."""
     root = Path(root).expanduser()
-    if all((root / f).is_file() for f in SPLIT_FILES) and root.name == FOLDER:
+    if all((root / f).is_file() for f in SPLIT_FILES):
         return root  # the user pointed at the extracted folder itself
     folder = root / FOLDER
     if folder.is_dir():
@@ -90,7 +91,9 @@ def ensure_cifar100(root: Path, download: bool = True) -> Path:
     if not root.is_dir() and not download:
         raise DataError(f"data dir {root} does not exist; create it with CIFAR-100 in it, or allow download")
     if not download:
-        raise DataError(_offline_message(root, "download is off"))
+        found = sorted(p.name for p in root.iterdir())[:6]
+        raise DataError(f"data dir {root} does not hold CIFAR-100: it needs {FOLDER}/ (with {', '.join(SPLIT_FILES)}) "
+                        f"or {ARCHIVE}, and has {found or 'nothing'}; fix the layout or allow download")
     try:
         download_and_extract_archive(URL, str(root), filename=ARCHIVE, md5=ARCHIVE_MD5)
     except (OSError, RuntimeError, tarfile.TarError) as e:  # URLError is an OSError
@@ -197,7 +200,14 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
     return np.sort(ranked[n_val:]), np.sort(ranked[:n_val])
 
 
-def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+def _crop_flip_draws(b: int, generator: torch.Generator, dev: torch.device, pad: int):
+    dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=dev)
+    dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=dev)
+    flip = torch.rand(b, 1, generator=generator, device=dev) < 0.5
+    return dy, dx, flip
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = CROP_PADDING) -> torch.Tensor:
     """RandomCrop(size, padding=pad) and RandomHorizontalFlip, drawn per image, as one gather.
 
     Works on uint8 so the batch moves a quarter of the bytes; the result is NHWC-strided (the layout
@@ -206,9 +216,7 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int 
     b, _, h, w = images.shape
     dev = images.device
     padded = F.pad(images, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=dev)
-    dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=dev)
-    flip = torch.rand(b, 1, generator=generator, device=dev) < 0.5
+    dy, dx, flip = _crop_flip_draws(b, generator, dev, pad)
     rows = dy + torch.arange(h, device=dev)
     cols = dx + torch.arange(w, device=dev)
     cols = torch.where(flip, cols.flip(1), cols)  # reading columns backwards is the flip
@@ -236,9 +244,13 @@ class DeviceBatches:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iterate()
+
+    def iterate(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from batch `start` on, exactly as a full pass would yield them."""
         n, bs = len(self.labels), self.batch_size
         if not self.train:
-            for i in range(0, n, bs):
+            for i in range(start * bs, n, bs):
                 yield self.images[i : i + bs], self.labels[i : i + bs]
             return
         g = torch.Generator(device=self.images.device)
@@ -246,6 +258,9 @@ class DeviceBatches:
         perm = torch.randperm(n, generator=g, device=self.images.device)
         for i in range(len(self)):  # drop_last: BatchNorm and step counts want full batches
             idx = perm[i * bs : (i + 1) * bs]
+            if i < start:  # a resumed epoch: draw what the skipped batch drew, so the rest match
+                _crop_flip_draws(bs, g, g.device, CROP_PADDING)
+                continue
             yield random_crop_flip(self.images[idx], g), self.labels[idx]
 
 

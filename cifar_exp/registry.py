@@ -34,7 +34,8 @@ def model_uri_for_run(run_id: str) -> str:
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise ModelError(f"run id {run_id!r} not found in {mlflow.get_tracking_uri()}") from None
+        raise ModelError(f"run id {run_id!r} not found in {mlflow.get_tracking_uri()}; "
+                         "is MLFLOW_TRACKING_URI the store that has it?") from None
     if uri := run.data.tags.get("model_uri"):
         return uri
     models = client.search_logged_models(

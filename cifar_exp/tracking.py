@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
+import sys
 import tempfile
-import warnings
 import time
+import traceback
+import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -22,13 +27,19 @@ import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import torch
+from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 from mlflow.environment_variables import MLFLOW_RUN_ID
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
+from .checkpoint import FOLDER, LAST, load, run_dir
 from .config import TrainConfig
 from .data import Cifar100, Split, digest
 from .evaluate import Evaluation
+
+EPOCH_METRIC = "val_accuracy"  # logged once per epoch: its steps say which epochs are logged
+UPLOAD_TRIES, UPLOAD_RETRY_SECONDS = 3, 2.0  # on top of MLflow's own HTTP retries
 
 
 class Tracker(Protocol):
@@ -37,17 +48,24 @@ class Tracker(Protocol):
     def log_dataset(self, data: Cifar100, splits: Mapping[str, Split]) -> None: ...
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
     def log_summary(self, metrics: Mapping[str, float]) -> None: ...
-    def log_artifacts(self, local_dir: Path, artifact_path: str) -> None: ...
+    def log_checkpoint(self, path: Path) -> None: ...
+    def logged_steps(self) -> set[int]: ...
     def log_model(self, model: torch.nn.Module, input_example: np.ndarray, metadata: dict) -> str | None: ...
     def log_evaluation(self, ev: Evaluation) -> None: ...
 
 
 class MlflowTracker:
-    """Sends the loop's reports to the active MLflow run."""
+    """Sends the loop's reports to the active MLflow run.
 
-    def __init__(self, run_id: str, experiment_name: str):
+    Files are written under `workdir` first and uploaded from there with retries; whatever fails to
+    upload stays there, and `upload_failures` says so.
+    """
+
+    def __init__(self, run_id: str, experiment_name: str, workdir: Path | None = None):
         self.run_id, self.experiment_name = run_id, experiment_name
+        self.workdir = workdir or run_dir(run_id)
         self.model_id: str | None = None
+        self.upload_failures: list[str] = []
 
     def log_dataset(self, data: Cifar100, splits: Mapping[str, Split]) -> None:
         mlflow.set_tag("dataset_digest", data.digest)
@@ -63,18 +81,41 @@ class MlflowTracker:
             mlflow.log_input(ds, context=context)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        # Asynchronous: the loop never waits on a remote server; mlflow_run flushes at the end.
+        # Asynchronous: the loop never waits on a remote server; tracked_run flushes at the end.
         mlflow.log_metrics(dict(metrics), step=step, synchronous=False)
+
+    def logged_steps(self) -> set[int]:
+        return {m.step for m in MlflowClient().get_metric_history(self.run_id, EPOCH_METRIC)}
 
     def log_summary(self, metrics: Mapping[str, float]) -> None:
         # Linked to the LoggedModel too, so the model page shows how it scored.
         mlflow.log_metrics(dict(metrics), model_id=self.model_id)
 
-    def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
-        mlflow.log_artifacts(str(local_dir), artifact_path)
+    def log_checkpoint(self, path: Path) -> None:
+        # Same artifact name every epoch: the store keeps only the newest last.pt and best.pt.
+        self.upload(path, FOLDER)
 
     def log_evaluation(self, ev: Evaluation) -> None:
-        log_evaluation(ev)
+        for folder in write_evaluation(ev, self.workdir):
+            self.upload(folder, folder.name)
+
+    def upload(self, local: Path, artifact_path: str) -> bool:
+        """Upload a file or folder, retrying; on failure keep it and say where it is and how to send it."""
+        send = mlflow.log_artifacts if local.is_dir() else mlflow.log_artifact
+        for attempt in range(UPLOAD_TRIES):
+            try:
+                send(str(local), artifact_path)
+                return True
+            except Exception as e:  # any store error: S3, HTTP, disk
+                error = e
+                if attempt + 1 < UPLOAD_TRIES:
+                    time.sleep(UPLOAD_RETRY_SECONDS * 2**attempt)
+        self.upload_failures.append(str(local))
+        print(f"warning: could not upload {local} to run {self.run_id} after {UPLOAD_TRIES} tries "
+              f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). It is kept there; "
+              f"upload it later with: mlflow artifacts log-artifact{'s --local-dir' if local.is_dir() else ' --local-file'} "
+              f"{shlex.quote(str(local))} --run-id {self.run_id} --artifact-path {artifact_path}", file=sys.stderr, flush=True)
+        return False
 
     def log_model(self, model: torch.nn.Module, input_example: np.ndarray, metadata: dict) -> str:
         with torch.no_grad():
@@ -93,20 +134,18 @@ class MlflowTracker:
         return info.model_uri
 
 
-def log_evaluation(ev: Evaluation) -> None:
-    """Figures under plots/, tables and per-image predictions under evaluation/ of the active run."""
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        (root / "plots").mkdir()
-        (root / "evaluation").mkdir()
-        for name, fig in ev.figures.items():
-            fig.savefig(root / "plots" / name)
-            plt.close(fig)
-        for name, table in ev.tables.items():
-            table.to_csv(root / "evaluation" / name, index=False)
-        np.savez_compressed(root / "evaluation" / "predictions.npz", **ev.predictions)
-        mlflow.log_artifacts(str(root / "plots"), "plots")
-        mlflow.log_artifacts(str(root / "evaluation"), "evaluation")
+def write_evaluation(ev: Evaluation, root: Path) -> list[Path]:
+    """Figures to root/plots, tables and per-image predictions to root/evaluation; returns both folders."""
+    plots, tables = root / "plots", root / "evaluation"
+    plots.mkdir(parents=True, exist_ok=True)
+    tables.mkdir(parents=True, exist_ok=True)
+    for name, fig in ev.figures.items():
+        fig.savefig(plots / name)
+        plt.close(fig)
+    for name, table in ev.tables.items():
+        table.to_csv(tables / name, index=False)
+    np.savez_compressed(tables / "predictions.npz", **ev.predictions)
+    return [plots, tables]
 
 
 def _git_commit() -> str | None:
@@ -142,13 +181,39 @@ def _log_params_once(run: mlflow.ActiveRun, params: dict[str, str]) -> None:
         mlflow.log_params(new)
 
 
+class TrackingError(RuntimeError):
+    """The tracking store cannot do what was asked; the message is one line for the user."""
+
+
+def check_tracking_server(timeout: float = 5.0) -> None:
+    """Fail fast on an unreachable server: MLflow's own retries would take minutes to give up."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors
+        reason = getattr(e, "reason", None) or e
+        hint = " (a 403 means the server's --allowed-hosts lacks this host)" if "403" in str(e) else ""
+        raise TrackingError(f"tracking server {uri} is unreachable: {reason}{hint}; start it (`docker compose up` "
+                            "or `cifar-exp server`) or set MLFLOW_TRACKING_URI to a running one") from None
+
+
+def _quietly(action) -> None:
+    """Best effort while a run is already failing: never hide the original error behind a tracking one."""
+    try:
+        action()
+    except Exception as e:  # the store may be the thing that failed
+        print(f"warning: could not record the failure in MLflow ({type(e).__name__})", file=sys.stderr)
+
+
 @contextmanager
 def tracked_run(experiment_name: str | None = None, run_name: str | None = None, tags: dict | None = None,
                 run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """Start a run (or continue `run_id`, or adopt the run `mlflow run` made) and always end it.
 
-    FINISHED on success; FAILED on an exception, with the error in the `error` tag; KILLED on Ctrl-C or
-    SIGTERM. Queued asynchronous metrics are flushed before the status changes.
+    FINISHED on success; KILLED on Ctrl-C or SIGTERM; FAILED on an exception, with the error in the
+    `error` tag and the traceback as error.txt. Queued asynchronous metrics are flushed first.
     """
     if run_id is None and os.environ.get(MLFLOW_RUN_ID.name):
         # Launched by `mlflow run`: its run lives in the experiment that command chose.
@@ -165,16 +230,31 @@ def tracked_run(experiment_name: str | None = None, run_name: str | None = None,
     try:
         yield run
         status = RunStatus.FINISHED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         status = RunStatus.KILLED
-        mlflow.set_tag("error", "interrupted (Ctrl-C or SIGTERM)")
+        _quietly(lambda: mlflow.set_tag("error", f"interrupted: {e}" if str(e) else "interrupted (Ctrl-C or SIGTERM)"))
         raise
     except BaseException as e:
-        mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
+        _quietly(lambda: mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000]))
+        _quietly(lambda: mlflow.log_text(traceback.format_exc(), "error.txt"))
         raise
     finally:
-        mlflow.flush_async_logging()
+        _quietly(mlflow.flush_async_logging)
         mlflow.end_run(RunStatus.to_string(status))
+
+
+@contextmanager
+def _training(run_id: str, experiment_name: str) -> Iterator[MlflowTracker]:
+    """Tag a stopped run with the command that resumes it; drop the local copies once all is uploaded."""
+    tracker = MlflowTracker(run_id, experiment_name)
+    try:
+        yield tracker
+    except BaseException:
+        if (tracker.workdir / FOLDER / LAST).exists():
+            _quietly(lambda: mlflow.set_tag("resume_command", f"cifar-exp train --resume {run_id}"))
+        raise
+    if not tracker.upload_failures:
+        shutil.rmtree(tracker.workdir, ignore_errors=True)
 
 
 @contextmanager
@@ -188,7 +268,56 @@ def mlflow_run(cfg: TrainConfig) -> Iterator[MlflowTracker]:
         cfg = cfg.model_copy(update={"experiment_name": experiment})  # differs only under `mlflow run`
         _log_params_once(mlflow.get_run(run.info.run_id), cfg.to_params())
         mlflow.log_dict(cfg.model_dump(mode="json"), "config.yaml")
-        yield MlflowTracker(run.info.run_id, experiment)
+        with _training(run.info.run_id, experiment) as tracker:
+            yield tracker
+
+
+@dataclass
+class ResumePoint:
+    run_id: str
+    experiment_name: str
+    state: dict  # the last checkpoint
+    dataset_digest: str | None
+    resumed: int  # times resumed before
+
+
+def load_resume_point(run_id: str) -> ResumePoint:
+    """The run and its last checkpoint: the local copy if this machine has one, else the run's artifact."""
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(f"--resume: no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()}; "
+                            "copy the id from the run's resume_command tag") from None
+    if run.info.status == "FINISHED":
+        raise TrackingError(f"--resume: run {run_id} already FINISHED; resume continues KILLED or FAILED runs "
+                            "(start a new run to train more)")
+    last = run_dir(run_id) / FOLDER / LAST
+    if not last.exists():
+        try:
+            mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=FOLDER, dst_path=str(run_dir(run_id)))
+        except Exception:  # nothing uploaded, or not reachable: the check below says so
+            pass
+    if not last.exists():
+        raise TrackingError(f"--resume: run {run_id} has no checkpoint (it stopped before saving one); start a new run")
+    return ResumePoint(run_id, client.get_experiment(run.info.experiment_id).name, load(last),
+                       run.data.tags.get("dataset_digest"), int(run.data.tags.get("resumed", "0")))
+
+
+@contextmanager
+def resumed_run(point: ResumePoint) -> Iterator[MlflowTracker]:
+    """Continue the run itself, so its metric history stays one unbroken series."""
+    launcher = os.environ.pop(MLFLOW_RUN_ID.name, None)
+    if launcher and launcher != point.run_id:  # `mlflow run -e resume` made a run of its own; point it at ours
+        client = MlflowClient()
+        client.set_tag(launcher, "resumes_run_id", point.run_id)
+        client.set_tag(launcher, "mlflow.note.content", f"This launch resumed run {point.run_id}; its results are there.")
+    with tracked_run(run_id=point.run_id) as run:
+        for tag in ("resume_command", "error"):
+            _quietly(lambda: MlflowClient().delete_tag(point.run_id, tag))
+        mlflow.set_tag("resumed", str(point.resumed + 1))
+        with _training(run.info.run_id, point.experiment_name) as tracker:
+            yield tracker
 
 
 def log_reevaluation(ev: Evaluation, model_uri: str, source_run_id: str | None, into_source_run: bool = False,
@@ -203,7 +332,8 @@ def log_reevaluation(ev: Evaluation, model_uri: str, source_run_id: str | None, 
             experiment_name = mlflow.get_experiment(mlflow.get_run(source_run_id).info.experiment_id).name
         tags = {"evaluation_of_model": model_uri, "source_run_id": source_run_id or "", "run_kind": "evaluation"}
         ctx = tracked_run(experiment_name or "cifar100", f"eval-{model_uri.rsplit('/', 1)[-1]}", tags)
-    with ctx as run:
-        log_evaluation(ev)
+    with ctx as run, tempfile.TemporaryDirectory() as tmp:
+        for folder in write_evaluation(ev, Path(tmp)):
+            mlflow.log_artifacts(str(folder), folder.name)
         mlflow.log_metrics(ev.metrics)
         return run.info.run_id

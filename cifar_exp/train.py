@@ -8,15 +8,16 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 from torch import nn
 from torchvision.transforms import v2
 
+from . import checkpoint as C
 from . import data as D
 from .config import ConfigError, TrainConfig
 from .evaluate import TSNE_POINTS, evaluate, softmax, stratified_subsample
@@ -115,12 +116,30 @@ def _mixer(cfg: TrainConfig):
     return v2.RandomChoice(mixes) if mixes else None
 
 
-def train_one_epoch(net, prep, batches, opt, sched, loss_fn, device, cfg: TrainConfig, mixer=None, bar=None) -> dict[str, float]:
+@dataclass
+class EpochProgress:
+    """Totals of the epoch in progress; a checkpoint taken mid-epoch carries them."""
+
+    batches: int = 0  # optimizer steps done this epoch
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+    lr: float | None = None  # the lr at the epoch's first step, the one logged
+
+
+def train_one_epoch(net, prep, batches, opt, sched, loss_fn, device, cfg: TrainConfig, mixer=None, bar=None,
+                    progress: EpochProgress | None = None, should_stop: Callable[[], bool] | None = None) -> EpochProgress:
+    """Train from `progress.batches` to the end of the epoch, or until `should_stop()` after a batch."""
+    p = progress or EpochProgress()
+    if p.lr is None:
+        p.lr = opt.param_groups[0]["lr"]
     net.train()
+    start = time.perf_counter()
+    # Accumulate on the device: a .item() per batch would sync the GPU every step.
     loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
-    seen = 0
-    for images, labels in batches:
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    for images, labels in batches.iterate(p.batches):
         x = prep(images)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -134,15 +153,20 @@ def train_one_epoch(net, prep, batches, opt, sched, loss_fn, device, cfg: TrainC
         loss.backward()
         opt.step()
         sched.step()
-        # Accumulate on the device: a .item() per batch would sync the GPU every step.
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
-        seen += len(labels)
+        p.seen += len(labels)
+        p.batches += 1
         if bar is not None:
             bar.update(1)
-    if not math.isfinite(loss_sum.item()):
+        if should_stop is not None and should_stop():
+            break
+    p.loss_sum += loss_sum.item()
+    p.correct += int(correct.item())
+    p.seconds += time.perf_counter() - start
+    if not math.isfinite(p.loss_sum):
         raise FloatingPointError("training loss became NaN or inf; lower --lr")
-    return {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen, "images": seen}
+    return p
 
 
 @torch.no_grad()
@@ -167,12 +191,12 @@ def _val_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
-def _progress(total: int, desc: str):
+def _progress(total: int, done: int, desc: str):
     if not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    return tqdm(total=total, initial=done, desc=desc, leave=False, dynamic_ncols=True)
 
 
 @dataclass
@@ -196,12 +220,22 @@ def prepare(cfg: TrainConfig, data: D.Cifar100 | None = None) -> Prepared:
     return Prepared(data, train, val, build_net(cfg))
 
 
-def run(cfg: TrainConfig, tracker: "Tracker", prepared: Prepared | None = None, workdir: Path | None = None) -> TrainResult:
-    """Train, keep the best and last checkpoints, test the best one, and report all of it to `tracker`."""
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on request (SIGINT/SIGTERM) after saving a checkpoint to resume from."""
+
+
+def run(cfg: TrainConfig, tracker: "Tracker", prepared: Prepared | None = None, workdir: Path | None = None,
+        resume: dict | None = None, should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train (or continue the checkpoint `resume`), test the best epoch, and report it all to `tracker`.
+
+    Checkpoints go to `workdir`/checkpoints after every epoch. When `should_stop()` turns true, the
+    current batch finishes, a checkpoint is saved and `Interrupted` is raised.
+    """
     p = prepared or prepare(cfg)
     data, train_split, val_split = p.data, p.train, p.val
     device = pick_device(cfg.device)
-    tracker.log_dataset(data, {"train": train_split, "validation": val_split, "test": data.test})
+    if resume is None:
+        tracker.log_dataset(data, {"train": train_split, "validation": val_split, "test": data.test})
 
     net = p.net.to(device)
     if cfg.channels_last:  # NHWC convolutions: faster on CUDA tensor cores and, measured here, on CPU too
@@ -214,36 +248,56 @@ def run(cfg: TrainConfig, tracker: "Tracker", prepared: Prepared | None = None, 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     mixer = _mixer(cfg)
 
-    ckpt_dir = Path(workdir or tempfile.mkdtemp(prefix="cifar_exp-"))
+    ckpt_dir = Path(workdir or tempfile.mkdtemp(prefix="cifar_exp-")) / C.FOLDER
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    history: list[dict[str, float]] = []
+    next_epoch, progress, history, best_acc, best_epoch = 0, EpochProgress(), [], -1.0, -1
+    if resume is not None:
+        sched = C.restore(resume, net, opt, sched, cfg.epochs, lambda: build_scheduler(opt, cfg, len(train_batches)))
+        next_epoch, progress, history = resume["next_epoch"], EpochProgress(**resume["progress"]), list(resume["history"])
+        best_acc, best_epoch = resume["best_val_accuracy"], resume["best_epoch"]
+        logged = tracker.logged_steps()
+        for step, m in enumerate(history):  # a kill between checkpoint and log_metrics leaves one unlogged
+            if step not in logged:
+                tracker.log_metrics(m, step=step)
+
+    def save_last(next_epoch: int) -> None:
+        C.save(ckpt_dir / C.LAST, config=cfg.model_dump(mode="json"), next_epoch=next_epoch, progress=asdict(progress),
+               model=net.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=C.rng_state(),
+               history=history, best_val_accuracy=best_acc, best_epoch=best_epoch)
+
     train_start = time.perf_counter()
-    best_acc, best_epoch = -1.0, -1
-    for epoch in range(cfg.epochs):
+    for epoch in range(next_epoch, cfg.epochs):
         train_batches.set_epoch(epoch)
-        lr = opt.param_groups[0]["lr"]
-        bar = _progress(len(train_batches), f"epoch {epoch + 1}/{cfg.epochs}")
-        start = time.perf_counter()
-        stats = train_one_epoch(net, prep, train_batches, opt, sched, loss_fn, device, cfg, mixer, bar)
-        seconds = time.perf_counter() - start
+        bar = _progress(len(train_batches), progress.batches, f"epoch {epoch + 1}/{cfg.epochs}")
+        progress = train_one_epoch(net, prep, train_batches, opt, sched, loss_fn, device, cfg, mixer, bar,
+                                   progress, should_stop)
         if bar is not None:
             bar.close()
+        if progress.batches < len(train_batches):  # stopped mid-epoch: keep the partial epoch too
+            save_last(epoch)
+            tracker.log_checkpoint(ckpt_dir / C.LAST)
+            raise Interrupted(f"stopped in epoch {epoch + 1}/{cfg.epochs} after batch {progress.batches}/{len(train_batches)}")
         metrics = {
-            "train_loss": stats["train_loss"], "train_accuracy": stats["train_accuracy"],
+            "train_loss": progress.loss_sum / progress.seen, "train_accuracy": progress.correct / progress.seen,
             **_val_metrics(*predict_logits(net, prep, val_batches, device, cfg)),
-            "lr": lr, "epoch_seconds": seconds, "images_per_second": stats["images"] / seconds,
+            "lr": progress.lr, "epoch_seconds": progress.seconds, "images_per_second": progress.seen / progress.seconds,
         }
         history.append(metrics)
-        tracker.log_metrics(metrics, step=epoch)
-        state = {"epoch": epoch, "config": cfg.model_dump(mode="json"), "model": net.state_dict()}
-        if metrics["val_accuracy"] > best_acc:
+        improved = metrics["val_accuracy"] > best_acc
+        if improved:
             best_acc, best_epoch = metrics["val_accuracy"], epoch
-            torch.save(state, ckpt_dir / "best.pt")
-        torch.save({**state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "best_val_accuracy": best_acc}, ckpt_dir / "last.pt")
+            C.save(ckpt_dir / C.BEST, epoch=epoch, config=cfg.model_dump(mode="json"), model=net.state_dict())
+        progress = EpochProgress()
+        save_last(epoch + 1)
+        # Logged after the checkpoint is saved, so no epoch is ever logged twice (resume logs what is missing).
+        tracker.log_metrics(metrics, step=epoch)
+        for name in ([C.BEST] if improved else []) + [C.LAST]:
+            tracker.log_checkpoint(ckpt_dir / name)
         print(f"epoch {epoch + 1}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        if should_stop is not None and should_stop():
+            raise Interrupted(f"stopped after epoch {epoch + 1}/{cfg.epochs}")
 
-    net.load_state_dict(torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=True)["model"])
+    net.load_state_dict(C.load(ckpt_dir / C.BEST, device)["model"])
     test_batches = D.DeviceBatches(data.test, cfg.batch_size * 2, device, train=False)
     logits, labels = predict_logits(net, prep, test_batches, device, cfg)
     probs = softmax(logits)
@@ -257,7 +311,6 @@ def run(cfg: TrainConfig, tracker: "Tracker", prepared: Prepared | None = None, 
     test = {**ev.metrics, "best_epoch": float(best_epoch), "training_seconds": sum(h["epoch_seconds"] for h in history),
             "wall_seconds": time.perf_counter() - train_start, "parameter_count": float(count_parameters(net))}
     served = ImageClassifier(net.to("cpu", memory_format=torch.contiguous_format), cfg.image_size).eval()
-    tracker.log_artifacts(ckpt_dir, "checkpoints")
     uri = None
     if cfg.log_model:
         uri = tracker.log_model(served, data.test.images[:2].permute(0, 2, 3, 1).numpy(), _model_metadata(cfg, data))

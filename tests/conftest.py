@@ -17,6 +17,14 @@ from cifar_exp.config import TrainConfig  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def runs_home(tmp_path, monkeypatch) -> Path:
+    """Local run folders (checkpoints) under tmp_path, for this process and the CLI processes it starts."""
+    home = tmp_path / "cifar_exp_home"
+    monkeypatch.setenv("CIFAR_EXP_HOME", str(home))
+    return home / "runs"
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
     """A synthetic CIFAR-100 (400 train, 100 test images) in the real pickle layout."""
@@ -65,8 +73,9 @@ def reset_mlflow_state() -> None:
 class RecordingTracker:
     """The Tracker interface in memory: the loop is tested without MLflow."""
 
-    def __init__(self):
-        self.datasets, self.metrics, self.summary, self.artifacts, self.models = {}, [], {}, [], []
+    def __init__(self, render: bool = False):
+        self.render = render  # drawing the figures costs seconds; the evaluation tests turn it on
+        self.datasets, self.metrics, self.summary, self.checkpoints, self.models = {}, [], {}, [], []
         self.evaluations = []
 
     def log_dataset(self, data, splits: Mapping) -> None:
@@ -78,8 +87,11 @@ class RecordingTracker:
     def log_summary(self, metrics) -> None:
         self.summary.update(metrics)
 
-    def log_artifacts(self, local_dir, artifact_path: str) -> None:
-        self.artifacts.append((artifact_path, sorted(p.name for p in Path(local_dir).iterdir())))
+    def log_checkpoint(self, path) -> None:
+        self.checkpoints.append(Path(path).name)
+
+    def logged_steps(self) -> set[int]:
+        return {step for step, _ in self.metrics}
 
     def log_evaluation(self, ev) -> None:
         # Render and close the figures, as the MLflow tracker does, so none stay open.
@@ -88,10 +100,11 @@ class RecordingTracker:
         import matplotlib.pyplot as plt
 
         for name, fig in list(ev.figures.items()):
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png")
+            if self.render:
+                buf = io.BytesIO()
+                fig.savefig(buf, format="png")
+                ev.figures[name] = buf.getvalue()
             plt.close(fig)
-            ev.figures[name] = buf.getvalue()
         self.evaluations.append(ev)
 
     def log_model(self, model, input_example, metadata) -> str:

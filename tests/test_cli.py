@@ -18,33 +18,15 @@ def _no_runs(uri: str) -> bool:
 
 @pytest.mark.parametrize(
     "args, message",
-    [
+    [  # every case is in test_bad_input.py (in process); these check a real process prints just the line
         (["--model", "vgg"], "Error: Invalid value for '--model': 'vgg' is not one of 'cnn', 'resnet18'."),
-        (["--lr", "-1"], "Error: lr: Input should be greater than 0 (got -1.0)"),
-        (["--lr", "0"], "Error: lr: Input should be greater than 0 (got 0.0)"),
-        (["--epochs", "0"], "Error: epochs: Input should be greater than or equal to 1 (got 0)"),
-        (["--val-fraction", "1.5"], "Error: val_fraction: Input should be less than 1 (got 1.5)"),
         (["--batch-size", "5000"], "Error: batch_size: 5000 is larger than the training split (360 images)"),
-        (["--epochs", "two"], "Error: Invalid value for '--epochs': 'two' is not a valid integer."),
-        (["--amp", "maybe"], "Error: Invalid value for '--amp': 'maybe' is not a valid boolean. "
-                               "Recognized values: , 0, 1, f, false, n, no, off, on, t, true, y, yes"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_run(args, message, data_root, tracking_uri):
     r = run_cli("train", "--data-dir", str(data_root), *TINY, *args)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().splitlines()[-1] == message
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert _no_runs(tracking_uri)
-
-
-def test_bad_config_file_and_data_dir(tmp_path, data_root, tracking_uri):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("modle: cnn\n")
-    r = run_cli("train", "--config", str(cfg), "--data-dir", str(data_root), *TINY)
-    assert r.returncode == 2 and r.stderr.startswith("Error: modle: unknown config key; allowed keys: model,")
-    r = run_cli("train", "--data-dir", str(tmp_path / "missing"), *TINY)
-    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr == message + "\n"
     assert _no_runs(tracking_uri)
 
 
@@ -63,7 +45,7 @@ def test_python_dash_m_works():
 
 
 @pytest.mark.slow
-def test_train_end_to_end_then_load_in_a_fresh_process(tmp_path, data_root, tracking_uri):
+def test_train_end_to_end_then_load_in_a_fresh_process(tmp_path, data_root, tracking_uri, runs_home):
     r = run_cli("train", "--data-dir", str(data_root), "--epochs", "2", "--experiment-name", "e2e",
                 "--run-name", "tiny", *TINY, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -87,6 +69,8 @@ def test_train_end_to_end_then_load_in_a_fresh_process(tmp_path, data_root, trac
     assert json.loads(inputs["cifar100-train"].dataset.profile)["features_shape"] == [360, 3, 32, 32]
     artifacts = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "checkpoints"} <= artifacts
+    assert {a.path for a in c.list_artifacts(run.info.run_id, "checkpoints")} == {"checkpoints/last.pt", "checkpoints/best.pt"}
+    assert not (runs_home / run.info.run_id).exists()  # all uploaded, so the local copies are gone
     cfg_file = c.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     assert "lr: 0.05" in open(cfg_file).read()
 

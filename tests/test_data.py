@@ -52,7 +52,9 @@ def test_offline_without_data_names_url_and_place(tmp_path, monkeypatch):
 def test_download_off_and_missing_dir(tmp_path):
     with pytest.raises(D.DataError, match="does not exist"):
         D.ensure_cifar100(tmp_path / "nope", download=False)
-    with pytest.raises(D.DataError, match="download is off"):
+    (tmp_path / "cifar100").mkdir()  # extracted under another name, one level too deep
+    with pytest.raises(D.DataError, match=r"does not hold CIFAR-100: it needs cifar-100-python/ \(with train, "
+                                          r"test, meta\) or cifar-100-python.tar.gz, and has \['cifar100'\]"):
         D.ensure_cifar100(tmp_path, download=False)
 
 

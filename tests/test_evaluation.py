@@ -90,7 +90,10 @@ def test_features_of_eager_and_exported_models_agree():
     assert torch.allclose(exported(x), served(x), atol=1e-6)  # the original graph is untouched
 
 
-def test_training_logs_the_evaluation_into_its_run(tiny_cfg, recorder, tmp_path):
+def test_training_logs_the_evaluation_into_its_run(tiny_cfg, tmp_path):
+    from conftest import RecordingTracker
+
+    recorder = RecordingTracker(render=True)
     result = T.run(tiny_cfg(epochs=2), recorder, workdir=tmp_path / "ck")
     (ev,) = recorder.evaluations
     assert set(ev.figures) == {"confusion_matrix.png", "superclass_confusion.png", "roc.png", "tsne.png",

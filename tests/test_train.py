@@ -18,8 +18,9 @@ def test_run_reports_every_epoch_and_the_test_set(tiny_cfg, recorder, tmp_path):
     assert recorder.datasets == {"train": 360, "validation": 40, "test": 100}
     for k in ("test_accuracy", "test_top5_accuracy", "test_macro_f1", "test_macro_auc", "test_ece"):
         assert 0 <= recorder.summary[k] <= 1, k
-    assert recorder.artifacts == [("checkpoints", ["best.pt", "last.pt"])]
-    best = torch.load(tmp_path / "ck" / "best.pt", weights_only=True)
+    # Checkpointed every epoch: last.pt always, best.pt when validation accuracy improved.
+    assert recorder.checkpoints.count("last.pt") == 3 and recorder.checkpoints[:2] == ["best.pt", "last.pt"]
+    best = torch.load(tmp_path / "ck" / "checkpoints" / "best.pt", weights_only=True)
     assert best["epoch"] == result.best_epoch
     val = [m["val_accuracy"] for _, m in recorder.metrics]
     assert val[result.best_epoch] == max(val)
