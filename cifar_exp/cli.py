@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .config import ConfigError, TrainConfig, load_config
+from .config import ConfigError, TrainConfig
 
 
 def _fail(message: str, code: int = 2) -> typing.NoReturn:
@@ -300,11 +300,42 @@ def compare(experiment_name, metric, family, tag, since, filter_string, fmt, rep
             click.echo(f"logged comparison run {C.log_comparison(result, files)}", err=True)
 
 
+@cli.command()
+@click.option("--backend-store-uri", default="sqlite:///mlflow.db", show_default=True,
+              help="Where runs live, e.g. postgresql://user:password@host:5432/mlflow.")
+@click.option("--artifacts-destination", default="./mlartifacts", show_default=True,
+              help="Where artifacts live, e.g. s3://bucket/prefix (set MLFLOW_S3_ENDPOINT_URL and AWS_* for it).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="0.0.0.0 to serve other machines.")
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+@click.option("--allowed-host", "allowed_hosts", multiple=True, help="Another Host header to answer (repeatable).")
+@click.option("--workers", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--basic-auth", is_flag=True, help="Require users and passwords (mlflow's basic-auth app).")
+@click.option("--print", "print_only", is_flag=True, help="Print the mlflow server command and exit.")
+def server(backend_store_uri, artifacts_destination, host, port, allowed_hosts, workers, basic_auth, print_only) -> None:
+    """Run the team tracking server without Docker: the same `mlflow server` command docker-compose runs."""
+    from .server import ServerSettings, redact
+
+    settings = ServerSettings(backend_store_uri, artifacts_destination, host, port, list(allowed_hosts), basic_auth, workers)
+    cmd = settings.command()
+    click.echo(redact(cmd))
+    if print_only:
+        return
+    local = Path(sys.executable).parent / "mlflow"  # this environment's mlflow, even when it is not on PATH
+    if local.exists():
+        cmd[0] = str(local)
+    os.execvp(cmd[0], cmd)
+
+
 def main() -> None:
     """Entry point: click's usage errors become one `Error:` line (no usage dump), exit code 2."""
     # MLflow's INFO chatter (creating tables, experiments) would bury our one-line messages. mlflow
     # configures its logger when imported (lazily, below), from this variable.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # A tracking server that restarts is ridden out: each request retries 7 times, waiting 2, 4, ... 64 s
+    # (about 2 minutes in all); a server that hangs is given up on after 30 s per request.
+    for var, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2"),
+                       ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+        os.environ.setdefault(var, value)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
         code = cli.main(prog_name="cifar-exp", standalone_mode=False)

@@ -232,11 +232,13 @@ def tracked_run(experiment_name: str | None = None, run_name: str | None = None,
         status = RunStatus.FINISHED
     except KeyboardInterrupt as e:
         status = RunStatus.KILLED
-        _quietly(lambda: mlflow.set_tag("error", f"interrupted: {e}" if str(e) else "interrupted (Ctrl-C or SIGTERM)"))
+        reason = f"interrupted: {e}" if str(e) else "interrupted (Ctrl-C or SIGTERM)"
+        _quietly(lambda: mlflow.set_tag("error", reason))
         raise
     except BaseException as e:
-        _quietly(lambda: mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000]))
-        _quietly(lambda: mlflow.log_text(traceback.format_exc(), "error.txt"))
+        reason, trace = f"{type(e).__name__}: {e}"[:5000], traceback.format_exc()
+        _quietly(lambda: mlflow.set_tag("error", reason))
+        _quietly(lambda: mlflow.log_text(trace, "error.txt"))
         raise
     finally:
         _quietly(mlflow.flush_async_logging)

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -123,3 +126,35 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeou
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "cifar_exp"]
     return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, cwd=cwd)
+
+
+class Proc:
+    """A `cifar-exp` process whose merged output is read line by line as it comes."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        exe = Path(sys.executable).parent / "cifar-exp"
+        self.p = subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, **(env or {})})
+        self.lines: list[str] = []
+        self._q: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [self._q.put(line) for line in self.p.stdout], daemon=True).start()
+
+    def wait_for(self, text: str, timeout: float = 300) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._q.get(timeout=1)
+            except queue.Empty:
+                assert self.p.poll() is None, f"exited {self.p.returncode} before {text!r}:\n" + "".join(self.lines)
+                continue
+            self.lines.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"no {text!r} within {timeout}s:\n" + "".join(self.lines))
+
+    def finish(self, timeout: float = 300) -> tuple[int, str]:
+        code = self.p.wait(timeout)
+        time.sleep(0.2)
+        while not self._q.empty():
+            self.lines.append(self._q.get())
+        return code, "".join(self.lines)

@@ -2,7 +2,6 @@
 
 import http.server
 import os
-import queue
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import run_cli
+from conftest import Proc, run_cli
 from fakedata import write_fake_cifar100
 from mlflow import MlflowClient
 
@@ -22,37 +21,6 @@ from cifar_exp import tracking
 from cifar_exp.cli import main
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_top5_accuracy", "lr")
-
-
-class Proc:
-    """A `cifar-exp` process whose merged output is read line by line as it comes."""
-
-    def __init__(self, *args: str):
-        exe = Path(sys.executable).parent / "cifar-exp"
-        self.p = subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self._q: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [self._q.put(line) for line in self.p.stdout], daemon=True).start()
-
-    def wait_for(self, text: str, timeout: float = 300) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._q.get(timeout=1)
-            except queue.Empty:
-                assert self.p.poll() is None, f"exited {self.p.returncode} before {text!r}:\n" + "".join(self.lines)
-                continue
-            self.lines.append(line)
-            if text in line:
-                return line
-        raise AssertionError(f"no {text!r} within {timeout}s:\n" + "".join(self.lines))
-
-    def finish(self, timeout: float = 300) -> tuple[int, str]:
-        code = self.p.wait(timeout)
-        time.sleep(0.2)
-        while not self._q.empty():
-            self.lines.append(self._q.get())
-        return code, "".join(self.lines)
 
 
 @pytest.fixture(scope="module")
