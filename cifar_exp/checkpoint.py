@@ -75,8 +75,7 @@ def restore(state: dict, net: torch.nn.Module, opt: torch.optim.Optimizer, sched
     """Load a checkpoint into fresh objects; returns the scheduler to go on with.
 
     With more epochs than the run planned, `replan()` builds the new schedule, which is then
-    fast-forwarded to the step where training stopped. There is no GradScaler state: bf16 autocast
-    needs no loss scaling.
+    fast-forwarded to the step where training stopped.
     """
     net.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])

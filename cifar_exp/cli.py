@@ -135,7 +135,7 @@ def train(config_file: Path | None, resume_id: str | None, **overrides) -> None:
         except KeyboardInterrupt as e:
             _fail(f"{e or 'interrupted'}; run {run_id} ended KILLED. Resume it with: cifar-exp train --resume {run_id}",
                   stop.exit_code)
-        except (ConfigError, DataError) as e:
+        except (ConfigError, DataError, tracking.TrackingError) as e:
             _fail(str(e))
         except Exception:
             click.echo(f"run {run_id} ended FAILED (traceback below and in its error.txt); "
@@ -159,6 +159,52 @@ def _report(cfg: TrainConfig, result, run_id: str) -> None:
         champ = "champion" in reg.aliases
         click.echo(f"registered {reg.uri} as {', '.join(reg.aliases)}"
                    + ("" if champ else f" (champion stays version {reg.previous_champion}: higher test_accuracy)"))
+
+
+def _csv(kind):
+    def convert(ctx, param, value: str):
+        try:
+            return [kind(v.strip()) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind.__name__} values") from None
+    return convert
+
+
+@cli.command()
+@click.option("--models", default="cnn,resnet18", show_default=True, callback=_csv(str), help="Comma-separated models.")
+@click.option("--seeds", default="0,1,2", show_default=True, callback=_csv(int), help="Comma-separated seeds.")
+@click.option("--param", "params", multiple=True, metavar="NAME=V1,V2", help="Another grid axis (repeatable).")
+@click.option("--name", "sweep_name", default="", help="Name of the parent run [default: sweep-<timestamp>].")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML or JSON file of config fields shared by every run; flags override it.")
+@config_options
+def sweep(models, seeds, params, sweep_name, config_file, **overrides) -> None:
+    """Train a grid (models x seeds x --param axes) as child runs under one parent run."""
+    import time
+
+    from . import sweep as S
+    from .config import given_values
+
+    try:
+        axes = dict(S.parse_axis(p) for p in params if p.strip())  # MLproject passes "" for no axis
+        base = given_values(config_file, **overrides)
+        configs = S.expand(base, models, seeds, axes)
+    except ConfigError as e:
+        _fail(str(e))
+    _require_tracking()
+    grid = {"models": ",".join(models), "seeds": ",".join(map(str, seeds)), **{k: ",".join(v) for k, v in axes.items()}}
+    experiment = configs[0].experiment_name
+    with StopOnSignal() as stop:
+        try:
+            parent, experiment, rows = S.run_sweep(configs, experiment, sweep_name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
+                                                   grid, stop, click.echo)
+        except KeyboardInterrupt as e:
+            _fail(f"{e or 'interrupted'}; the sweep stopped (its current run ended KILLED and can be resumed)",
+                  stop.exit_code)
+        except RuntimeError as e:
+            _fail(str(e), 1)
+    click.echo(f"sweep {parent} finished: {len(rows)} runs; compare them with: "
+               f"cifar-exp compare --experiment-name {experiment} --sweep {parent}")
 
 
 @cli.command()
@@ -270,13 +316,14 @@ def models(name: str) -> None:
                                  "training_seconds", "parameter_count"]))
 @click.option("--family", type=click.Choice(["cnn", "resnet18"]), help="Only this model family.")
 @click.option("--tag", help="Only runs with this tag: KEY or KEY=VALUE.")
+@click.option("--sweep", "sweep_id", metavar="PARENT_RUN_ID", help="Only the runs of this sweep.")
 @click.option("--since", help="Only runs started at or after this ISO date, e.g. 2026-12-01.")
 @click.option("--filter", "filter_string", help="An MLflow filter string, e.g. \"params.lr = '0.05'\".")
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "csv", "json"]), default="text", show_default=True)
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path), help="Write report.md and plots here.")
 @click.option("--log", "log_run", is_flag=True, help="Record the report in a `comparison` run.")
 @click.option("--stats/--no-stats", default=True, show_default=True, help="Bootstrap CIs and McNemar (need predictions).")
-def compare(experiment_name, metric, family, tag, since, filter_string, fmt, report_dir, log_run, stats) -> None:
+def compare(experiment_name, metric, family, tag, sweep_id, since, filter_string, fmt, report_dir, log_run, stats) -> None:
     """Rank scratch-CNN runs against ResNet-18 runs, with confidence intervals and a paired test."""
     _require_tracking()
     import tempfile
@@ -286,7 +333,7 @@ def compare(experiment_name, metric, family, tag, since, filter_string, fmt, rep
     from . import compare as C
 
     try:
-        result = C.compare(experiment_name, metric, family, tag, since, filter_string, with_stats=stats)
+        result = C.compare(experiment_name, metric, family, tag, since, filter_string, with_stats=stats, sweep=sweep_id)
     except (C.CompareError, ValueError) as e:
         _fail(str(e))
     except MlflowException as e:

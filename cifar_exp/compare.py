@@ -43,7 +43,7 @@ class Comparison:
 
 
 def fetch_runs(experiment_name: str, family: str | None = None, tag: str | None = None, since: str | None = None,
-               filter_string: str | None = None, page_size: int = 1000) -> pd.DataFrame:
+               filter_string: str | None = None, page_size: int = 1000, sweep: str | None = None) -> pd.DataFrame:
     """FINISHED training runs of an experiment as a frame, paged through search_runs."""
     client = MlflowClient()
     exp = client.get_experiment_by_name(experiment_name)
@@ -56,6 +56,8 @@ def fetch_runs(experiment_name: str, family: str | None = None, tag: str | None 
     if tag:
         key, _, value = tag.partition("=")
         clauses.append(f"tags.`{key}` = '{value}'" if value else f"tags.`{key}` != ''")
+    if sweep:  # a sweep's children carry its id, as MLflow's nested runs do
+        clauses.append(f"tags.mlflow.parentRunId = '{sweep}'")
     if since:
         start = datetime.fromisoformat(since).replace(tzinfo=datetime.fromisoformat(since).tzinfo or timezone.utc)
         clauses.append(f"attributes.start_time >= {int(start.timestamp() * 1000)}")
@@ -170,8 +172,9 @@ def _p(p: float) -> str:
 
 
 def compare(experiment_name: str, metric: str = "test_accuracy", family: str | None = None, tag: str | None = None,
-            since: str | None = None, filter_string: str | None = None, with_stats: bool = True) -> Comparison:
-    runs = fetch_runs(experiment_name, family, tag, since, filter_string)
+            since: str | None = None, filter_string: str | None = None, with_stats: bool = True,
+            sweep: str | None = None) -> Comparison:
+    runs = fetch_runs(experiment_name, family, tag, since, filter_string, sweep=sweep)
     if runs.empty:
         raise CompareError(f"no FINISHED training runs in experiment {experiment_name!r} match the filters")
     ranked = rank(runs, metric)

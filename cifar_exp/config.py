@@ -32,6 +32,9 @@ class TrainConfig(BaseModel):
     pretrained: str = Field(
         "imagenet", description="resnet18 weights: 'imagenet', 'none', or a path to a state-dict file"
     )
+    stem: Literal["imagenet", "cifar"] = Field(
+        "imagenet", description="resnet18 stem: imagenet (7x7/2 conv + max-pool) or cifar (3x3/1 conv, no pool; needs pretrained none)"
+    )
     input_size: int = Field(
         0, ge=0, le=512, description="side in pixels the model sees; 0 = 32 for cnn, 224 for resnet18"
     )
@@ -61,12 +64,18 @@ class TrainConfig(BaseModel):
     )
     download: bool = Field(True, description="download CIFAR-100 when it is missing")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of the 50k training images held out")
+    loader: Literal["device", "dataloader"] = Field(
+        "device", description="device: the dataset lives on the device; dataloader: streamed by DataLoader workers (same batches)"
+    )
+    workers: int = Field(2, ge=0, description="DataLoader worker processes (loader dataloader)")
     # reproducibility and hardware
     seed: int = Field(0, ge=0, description="seeds python, numpy and torch")
     deterministic: bool = Field(False, description="deterministic kernels (slower)")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto = cuda > mps > cpu")
-    amp: bool = Field(True, description="bf16 autocast on CUDA")
+    amp: bool = Field(True, description="mixed precision on CUDA: bf16, or fp16 with loss scaling where bf16 is missing")
     channels_last: bool = Field(True, description="NHWC memory layout (faster convolutions on GPU and CPU)")
+    tf32: bool = Field(True, description="TF32 matmuls and convolutions on Ampere+ GPUs")
+    compile: bool = Field(False, description="torch.compile the model (falls back to eager if it fails)")
     # tracking
     experiment_name: str = Field("cifar100", min_length=1, description="MLflow experiment")
     run_name: str = Field("", description="MLflow run name; empty = <model>-<timestamp>")
@@ -100,11 +109,15 @@ class TrainConfig(BaseModel):
             raise ValueError("input_size: must be 0 (auto) or at least 32")
         if self.model == "cnn" and self.input_size not in (0, 32):
             raise ValueError("input_size: the cnn takes 32x32 images only (use 0 or 32)")
+        if self.stem == "cifar" and self.model != "resnet18":
+            raise ValueError("stem: only resnet18 has a choice of stem")
+        if self.stem == "cifar" and self.pretrained != "none":
+            raise ValueError("stem: the cifar stem has no pretrained weights; add --pretrained none")
         return self
 
     @property
     def image_size(self) -> int:
-        return self.input_size or AUTO_INPUT_SIZE[self.model]
+        return self.input_size or (32 if self.stem == "cifar" else AUTO_INPUT_SIZE[self.model])
 
     @property
     def data_path(self) -> Path:

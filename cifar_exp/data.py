@@ -1,4 +1,4 @@
-"""CIFAR-100 on disk and on the device: download, verify, read, split, batch and augment.
+"""CIFAR-100 on disk: download, verify, read, validate and split (batching lives in pipeline.py).
 
 Pretrained weights live here too: everything the project fetches from disk or network sits in one
 module, so offline errors read the same.
@@ -9,13 +9,11 @@ from __future__ import annotations
 import hashlib
 import pickle
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive, extract_archive
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -25,7 +23,6 @@ FOLDER = "cifar-100-python"
 SPLIT_FILES = ("train", "test", "meta")
 NUM_CLASSES, NUM_SUPERCLASSES = 100, 20
 IMAGE_SHAPE = (3, 32, 32)
-CROP_PADDING = 4  # pixels, RandomCrop(32, padding=4)
 
 
 class DataError(RuntimeError):
@@ -198,70 +195,6 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
         key[members] = (np.arange(len(members)) + rng.random()) / len(members)
     ranked = np.argsort(key, kind="stable")
     return np.sort(ranked[n_val:]), np.sort(ranked[:n_val])
-
-
-def _crop_flip_draws(b: int, generator: torch.Generator, dev: torch.device, pad: int):
-    dy = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=dev)
-    dx = torch.randint(0, 2 * pad + 1, (b, 1), generator=generator, device=dev)
-    flip = torch.rand(b, 1, generator=generator, device=dev) < 0.5
-    return dy, dx, flip
-
-
-def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int = CROP_PADDING) -> torch.Tensor:
-    """RandomCrop(size, padding=pad) and RandomHorizontalFlip, drawn per image, as one gather.
-
-    Works on uint8 so the batch moves a quarter of the bytes; the result is NHWC-strided (the layout
-    channels_last wants), call .contiguous() for NCHW.
-    """
-    b, _, h, w = images.shape
-    dev = images.device
-    padded = F.pad(images, (pad, pad, pad, pad))
-    dy, dx, flip = _crop_flip_draws(b, generator, dev, pad)
-    rows = dy + torch.arange(h, device=dev)
-    cols = dx + torch.arange(w, device=dev)
-    cols = torch.where(flip, cols.flip(1), cols)  # reading columns backwards is the flip
-    batch = torch.arange(b, device=dev)[:, None, None]
-    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-
-
-class DeviceBatches:
-    """Batches from a split that lives on the training device, airbench-style: no workers, no PIL.
-
-    The shuffle and augmentation of epoch e depend only on (seed, e), so a resumed run sees the same
-    batches as an uninterrupted one.
-    """
-
-    def __init__(self, split: Split, batch_size: int, device: torch.device, *, train: bool, seed: int = 0):
-        self.images = split.images.to(device, non_blocking=True)
-        self.labels = split.labels.to(device, non_blocking=True)
-        self.batch_size, self.train, self.seed, self.epoch = batch_size, train, seed, 0
-
-    def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self.iterate()
-
-    def iterate(self, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The epoch's batches from batch `start` on, exactly as a full pass would yield them."""
-        n, bs = len(self.labels), self.batch_size
-        if not self.train:
-            for i in range(start * bs, n, bs):
-                yield self.images[i : i + bs], self.labels[i : i + bs]
-            return
-        g = torch.Generator(device=self.images.device)
-        g.manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(n, generator=g, device=self.images.device)
-        for i in range(len(self)):  # drop_last: BatchNorm and step counts want full batches
-            idx = perm[i * bs : (i + 1) * bs]
-            if i < start:  # a resumed epoch: draw what the skipped batch drew, so the rest match
-                _crop_flip_draws(bs, g, g.device, CROP_PADDING)
-                continue
-            yield random_crop_flip(self.images[idx], g), self.labels[idx]
 
 
 def load_images(paths: list[str | Path]) -> np.ndarray:

@@ -36,12 +36,16 @@ class ScratchCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def build_model(name: str, num_classes: int = 100, width: int = 64) -> nn.Module:
+def build_model(name: str, num_classes: int = 100, width: int = 64, stem: str = "imagenet") -> nn.Module:
     """A freshly initialised network; pretrained weights go in with `load_backbone`."""
     if name == "cnn":
         return ScratchCNN(num_classes, width)
     if name == "resnet18":
-        return resnet18(num_classes=num_classes)
+        net = resnet18(num_classes=num_classes)
+        if stem == "cifar":  # 3x3 stride-1 conv and no max-pool: a 32x32 image still has a 4x4 map at layer4
+            net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        return net
     raise ValueError(f"unknown model {name!r}; choose cnn or resnet18")
 
 

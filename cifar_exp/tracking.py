@@ -207,15 +207,42 @@ def _quietly(action) -> None:
         print(f"warning: could not record the failure in MLflow ({type(e).__name__})", file=sys.stderr)
 
 
+def experiment_id(name: str) -> str:
+    """The experiment's id, created if missing, and safe when processes race to create it.
+
+    Not mlflow.set_experiment: a process that loses that race gets the experiment back but does not
+    make it active, and its run lands in Default (seen here with 4 concurrent trainings; also
+    ergodicio/adept#292).
+    """
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp = client.get_experiment_by_name(name)
+    if exp.lifecycle_stage != "active":
+        raise TrackingError(f"experiment {name!r} is deleted; restore it (mlflow experiments restore "
+                            f"--experiment-id {exp.experiment_id}) or choose another --experiment-name")
+    return exp.experiment_id
+
+
 @contextmanager
 def tracked_run(experiment_name: str | None = None, run_name: str | None = None, tags: dict | None = None,
-                run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+                run_id: str | None = None, nested: bool = False) -> Iterator[mlflow.ActiveRun]:
     """Start a run (or continue `run_id`, or adopt the run `mlflow run` made) and always end it.
+
+    `nested`: a child of the active run, in its experiment (a sweep's parent).
 
     FINISHED on success; KILLED on Ctrl-C or SIGTERM; FAILED on an exception, with the error in the
     `error` tag and the traceback as error.txt. Queued asynchronous metrics are flushed first.
     """
-    if run_id is None and os.environ.get(MLFLOW_RUN_ID.name):
+    if nested:
+        parent = mlflow.active_run()
+        run = mlflow.start_run(run_name=run_name, tags=tags, nested=True, experiment_id=parent.info.experiment_id)
+    elif run_id is None and os.environ.get(MLFLOW_RUN_ID.name):
         # Launched by `mlflow run`: its run lives in the experiment that command chose.
         run = mlflow.start_run(tags=tags)
         if run_name:
@@ -223,9 +250,8 @@ def tracked_run(experiment_name: str | None = None, run_name: str | None = None,
     elif run_id is not None:
         run = mlflow.start_run(run_id=run_id, tags=tags)
     else:
-        if experiment_name:
-            mlflow.set_experiment(experiment_name)
-        run = mlflow.start_run(run_name=run_name, tags=tags)
+        eid = experiment_id(experiment_name) if experiment_name else None
+        run = mlflow.start_run(run_name=run_name, tags=tags, experiment_id=eid)
     status = RunStatus.FAILED
     try:
         yield run
@@ -259,19 +285,39 @@ def _training(run_id: str, experiment_name: str) -> Iterator[MlflowTracker]:
         shutil.rmtree(tracker.workdir, ignore_errors=True)
 
 
+def _commit_tags() -> dict[str, str]:
+    commit = _git_commit()
+    return {"mlflow.source.git.commit": commit} if commit else {}
+
+
 @contextmanager
-def mlflow_run(cfg: TrainConfig) -> Iterator[MlflowTracker]:
+def mlflow_run(cfg: TrainConfig, nested: bool = False) -> Iterator[MlflowTracker]:
     """A training run: the config as params and as config.yaml, tags for family and commit."""
-    tags = {"model_family": cfg.model}
-    if commit := _git_commit():
-        tags["mlflow.source.git.commit"] = commit
-    with tracked_run(cfg.experiment_name, default_run_name(cfg), tags) as run:
+    tags = {"model_family": cfg.model, **_commit_tags()}
+    with tracked_run(cfg.experiment_name, default_run_name(cfg), tags, nested=nested) as run:
         experiment = mlflow.get_experiment(run.info.experiment_id).name
         cfg = cfg.model_copy(update={"experiment_name": experiment})  # differs only under `mlflow run`
         _log_params_once(mlflow.get_run(run.info.run_id), cfg.to_params())
         mlflow.log_dict(cfg.model_dump(mode="json"), "config.yaml")
         with _training(run.info.run_id, experiment) as tracker:
             yield tracker
+
+
+@contextmanager
+def sweep_run(experiment_name: str, run_name: str, grid: dict[str, str]) -> Iterator[tuple[str, str]]:
+    """The parent run of a sweep, with its grid as params; yields (run id, experiment name)."""
+    with tracked_run(experiment_name, run_name, {"run_kind": "sweep", **_commit_tags()}) as run:
+        mlflow.log_params(grid)
+        yield run.info.run_id, mlflow.get_experiment(run.info.experiment_id).name  # `mlflow run` may choose it
+
+
+def log_sweep_summary(rows: list[dict]) -> None:
+    """One row per child (run id, config values, test metrics) as sweep/children.csv of the parent."""
+    import pandas as pd
+
+    mlflow.log_text(pd.DataFrame(rows).to_csv(index=False), "sweep/children.csv")
+    mlflow.log_metrics({"children_finished": sum(r["status"] == "FINISHED" for r in rows),
+                        "children_failed": sum(r["status"] != "FINISHED" for r in rows)})
 
 
 @dataclass

@@ -3,28 +3,28 @@
 from __future__ import annotations
 
 import math
-import os
-import random
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 from torch import nn
-from torchvision.transforms import v2
 
 from . import checkpoint as C
 from . import data as D
+from . import pipeline as P
 from .config import ConfigError, TrainConfig
 from .evaluate import TSNE_POINTS, evaluate, softmax, stratified_subsample
+from .hardware import amp_dtype, autocast, maybe_compile, pick_device, seed_everything
 from .models import (
-    ImageClassifier, Preprocess, WeightsMismatch, build_model, count_parameters, head_parameter_names, load_backbone,
-    penultimate_features,
+    ImageClassifier, Preprocess, WeightsMismatch, build_model, count_parameters, load_backbone, penultimate_features,
 )
+from .optim import build_mixer, build_optimizer, build_scheduler
 
 if TYPE_CHECKING:
     from .tracking import Tracker
@@ -41,28 +41,8 @@ class TrainResult:
     extras: dict = field(default_factory=dict)
 
 
-def pick_device(preference: str = "auto") -> torch.device:
-    if preference != "auto":
-        return torch.device(preference)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-
-
 def build_net(cfg: TrainConfig, num_classes: int = D.NUM_CLASSES) -> nn.Module:
-    net = build_model(cfg.model, num_classes, cfg.width)
+    net = build_model(cfg.model, num_classes, cfg.width, cfg.stem)
     if cfg.model == "resnet18" and cfg.pretrained != "none":
         state = D.imagenet_resnet18_state() if cfg.pretrained == "imagenet" else D.read_state_dict(cfg.pretrained)
         try:
@@ -70,50 +50,6 @@ def build_net(cfg: TrainConfig, num_classes: int = D.NUM_CLASSES) -> nn.Module:
         except WeightsMismatch as e:
             raise D.DataError(f"pretrained {cfg.pretrained}: {e}") from None
     return net
-
-
-def build_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    """SGD; a pretrained backbone trains at lr x backbone_lr_scale so fine-tuning does not wreck it."""
-    head = head_parameter_names(net)
-    scale = cfg.backbone_lr_scale if cfg.model == "resnet18" and cfg.pretrained != "none" else 1.0
-    groups = [
-        {"params": [p for n, p in net.named_parameters() if n in head], "lr": cfg.lr},
-        {"params": [p for n, p in net.named_parameters() if n not in head], "lr": cfg.lr * scale},
-    ]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-
-
-def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Stepped once per batch, so warmup and decay are smooth at any epoch count."""
-    S = torch.optim.lr_scheduler
-    total = cfg.epochs * steps_per_epoch
-    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total - 1)
-    if cfg.schedule == "onecycle":
-        peaks = [g["lr"] for g in opt.param_groups]
-        return S.OneCycleLR(opt, max_lr=peaks, total_steps=total, pct_start=max(warmup, 1) / total)
-    if cfg.schedule == "cosine":
-        main = S.CosineAnnealingLR(opt, T_max=max(total - warmup, 1))
-    else:
-        main = S.MultiStepLR(opt, [m * steps_per_epoch - warmup for m in cfg.milestone_epochs()], cfg.gamma)
-    if warmup == 0:
-        return main
-    return S.SequentialLR(opt, [S.LinearLR(opt, start_factor=0.01, total_iters=warmup), main], milestones=[warmup])
-
-
-def _autocast(device: torch.device, enabled: bool):
-    if device.type == "cuda" and enabled:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
-
-
-def _mixer(cfg: TrainConfig):
-    """torchvision's batch MixUp/CutMix (one of the two per batch when both are on)."""
-    mixes = []
-    if cfg.mixup_alpha > 0:
-        mixes.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=D.NUM_CLASSES))
-    if cfg.cutmix_alpha > 0:
-        mixes.append(v2.CutMix(alpha=cfg.cutmix_alpha, num_classes=D.NUM_CLASSES))
-    return v2.RandomChoice(mixes) if mixes else None
 
 
 @dataclass
@@ -129,7 +65,8 @@ class EpochProgress:
 
 
 def train_one_epoch(net, prep, batches, opt, sched, loss_fn, device, cfg: TrainConfig, mixer=None, bar=None,
-                    progress: EpochProgress | None = None, should_stop: Callable[[], bool] | None = None) -> EpochProgress:
+                    progress: EpochProgress | None = None, should_stop: Callable[[], bool] | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> EpochProgress:
     """Train from `progress.batches` to the end of the epoch, or until `should_stop()` after a batch."""
     p = progress or EpochProgress()
     if p.lr is None:
@@ -146,12 +83,17 @@ def train_one_epoch(net, prep, batches, opt, sched, loss_fn, device, cfg: TrainC
         target = labels
         if mixer is not None:
             x, target = mixer(x, labels)  # soft targets; accuracy still counts the original label
-        with _autocast(device, cfg.amp):
+        with autocast(device, cfg.amp):
             logits = net(x)
         loss = loss_fn(logits.float(), target)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is not None and scaler.is_enabled():  # fp16 only: scale the loss so small gradients survive
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
         sched.step()
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
@@ -174,7 +116,7 @@ def predict_logits(net, prep, batches, device, cfg: TrainConfig) -> tuple[np.nda
     net.eval()
     outs, labels = [], []
     for images, y in batches:
-        with _autocast(device, cfg.amp):
+        with autocast(device, cfg.amp):
             outs.append(net(prep(images)).float().cpu())
         labels.append(y.cpu())
     return torch.cat(outs).numpy(), torch.cat(labels).numpy()
@@ -237,22 +179,28 @@ def run(cfg: TrainConfig, tracker: "Tracker", prepared: Prepared | None = None, 
     if resume is None:
         tracker.log_dataset(data, {"train": train_split, "validation": val_split, "test": data.test})
 
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     net = p.net.to(device)
     if cfg.channels_last:  # NHWC convolutions: faster on CUDA tensor cores and, measured here, on CPU too
         net = net.to(memory_format=torch.channels_last)
+    model = maybe_compile(net, cfg)  # runs the steps; `net` holds the weights that are saved
     prep = Preprocess(cfg.image_size).to(device)
-    train_batches = D.DeviceBatches(train_split, cfg.batch_size, device, train=True, seed=cfg.seed)
-    val_batches = D.DeviceBatches(val_split, cfg.batch_size * 2, device, train=False)
+    batches = partial(P.make_batches, device=device, seed=cfg.seed, loader=cfg.loader, workers=cfg.workers)
+    train_batches = batches(train_split, cfg.batch_size, train=True)
+    val_batches = batches(val_split, cfg.batch_size * 2, train=False)
     opt = build_optimizer(net, cfg)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device, cfg.amp) == torch.float16)
     sched = build_scheduler(opt, cfg, len(train_batches))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    mixer = _mixer(cfg)
+    mixer = build_mixer(cfg)
 
     ckpt_dir = Path(workdir or tempfile.mkdtemp(prefix="cifar_exp-")) / C.FOLDER
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     next_epoch, progress, history, best_acc, best_epoch = 0, EpochProgress(), [], -1.0, -1
     if resume is not None:
         sched = C.restore(resume, net, opt, sched, cfg.epochs, lambda: build_scheduler(opt, cfg, len(train_batches)))
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
         next_epoch, progress, history = resume["next_epoch"], EpochProgress(**resume["progress"]), list(resume["history"])
         best_acc, best_epoch = resume["best_val_accuracy"], resume["best_epoch"]
         logged = tracker.logged_steps()
@@ -263,14 +211,15 @@ def run(cfg: TrainConfig, tracker: "Tracker", prepared: Prepared | None = None, 
     def save_last(next_epoch: int) -> None:
         C.save(ckpt_dir / C.LAST, config=cfg.model_dump(mode="json"), next_epoch=next_epoch, progress=asdict(progress),
                model=net.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=C.rng_state(),
+               scaler=scaler.state_dict(),
                history=history, best_val_accuracy=best_acc, best_epoch=best_epoch)
 
     train_start = time.perf_counter()
     for epoch in range(next_epoch, cfg.epochs):
         train_batches.set_epoch(epoch)
         bar = _progress(len(train_batches), progress.batches, f"epoch {epoch + 1}/{cfg.epochs}")
-        progress = train_one_epoch(net, prep, train_batches, opt, sched, loss_fn, device, cfg, mixer, bar,
-                                   progress, should_stop)
+        progress = train_one_epoch(model, prep, train_batches, opt, sched, loss_fn, device, cfg, mixer, bar,
+                                   progress, should_stop, scaler)
         if bar is not None:
             bar.close()
         if progress.batches < len(train_batches):  # stopped mid-epoch: keep the partial epoch too
@@ -279,7 +228,7 @@ def run(cfg: TrainConfig, tracker: "Tracker", prepared: Prepared | None = None, 
             raise Interrupted(f"stopped in epoch {epoch + 1}/{cfg.epochs} after batch {progress.batches}/{len(train_batches)}")
         metrics = {
             "train_loss": progress.loss_sum / progress.seen, "train_accuracy": progress.correct / progress.seen,
-            **_val_metrics(*predict_logits(net, prep, val_batches, device, cfg)),
+            **_val_metrics(*predict_logits(model, prep, val_batches, device, cfg)),
             "lr": progress.lr, "epoch_seconds": progress.seconds, "images_per_second": progress.seen / progress.seconds,
         }
         history.append(metrics)
@@ -298,13 +247,13 @@ def run(cfg: TrainConfig, tracker: "Tracker", prepared: Prepared | None = None, 
             raise Interrupted(f"stopped after epoch {epoch + 1}/{cfg.epochs}")
 
     net.load_state_dict(C.load(ckpt_dir / C.BEST, device)["model"])
-    test_batches = D.DeviceBatches(data.test, cfg.batch_size * 2, device, train=False)
-    logits, labels = predict_logits(net, prep, test_batches, device, cfg)
+    test_batches = batches(data.test, cfg.batch_size * 2, train=False)
+    logits, labels = predict_logits(model, prep, test_batches, device, cfg)
     probs = softmax(logits)
     sample = stratified_subsample(labels, TSNE_POINTS, cfg.seed)
     images = data.test.images[torch.from_numpy(sample)].to(device)
     net.eval()
-    with _autocast(device, cfg.amp):
+    with autocast(device, cfg.amp):
         features = penultimate_features(nn.Sequential(prep, net), images.split(cfg.batch_size * 2)).numpy()
     ev = evaluate(probs, labels, data.classes, data.superclasses, data.fine_to_coarse,
                   features, labels[sample], history, cfg.seed)

@@ -61,6 +61,12 @@ def _unreachable(c: Ctx) -> list[str]:
     return c.train()
 
 
+def _deleted_experiment(c: Ctx) -> list[str]:
+    client = MlflowClient()
+    client.delete_experiment(client.create_experiment("gone"))
+    return c.train("--experiment-name", "gone")
+
+
 # (README row, command, the exact line or a regex for it)
 CASES = [
     ("an unknown model", lambda c: c.train("--model", "vgg"),
@@ -96,6 +102,9 @@ CASES = [
     ("an unreachable tracking URI", _unreachable,
      re.compile(r"Error: tracking server http://127.0.0.1:9 is unreachable: .*refused.*; start it "
                 r"\(`docker compose up` or `cifar-exp server`\) or set MLFLOW_TRACKING_URI to a running one")),
+    ("a deleted experiment", _deleted_experiment,
+     re.compile(r"Error: experiment 'gone' is deleted; restore it \(mlflow experiments restore --experiment-id \d+\) "
+                r"or choose another --experiment-name")),
     ("an unknown experiment for compare", lambda c: ["compare", "--experiment-name", "ghost"],
      "Error: experiment 'ghost' not found; experiments here: Default"),
     ("an unknown run id for resume", lambda c: ["train", "--resume", "nope"],

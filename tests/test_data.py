@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from fakedata import CLASSES, FINE_TO_COARSE, SUPERCLASSES, make_images, write_fake_cifar100, write_split
 
 from cifar_exp import data as D
+from cifar_exp import pipeline as P
 
 
 def test_loader_shapes_dtypes_labels_and_names(data_root):
@@ -164,7 +165,7 @@ def _position_image() -> torch.Tensor:
 
 def test_crop_and_flip_do_what_they_claim():
     img = _position_image()
-    out = D.random_crop_flip(img.expand(400, 3, 32, 32).contiguous(), torch.Generator().manual_seed(0))
+    out = P.random_crop_flip(img.expand(400, 3, 32, 32).contiguous(), torch.Generator().manual_seed(0))
     assert out.shape == (400, 3, 32, 32) and out.dtype == torch.uint8
     # Every legal outcome of RandomCrop(32, padding=4) + HorizontalFlip; each is unique on this image.
     padded = F.pad(img, (4, 4, 4, 4))
@@ -185,24 +186,24 @@ def test_crop_and_flip_do_what_they_claim():
 
 def test_augmentation_is_seeded():
     x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
-    a = D.random_crop_flip(x, torch.Generator().manual_seed(1))
-    b = D.random_crop_flip(x, torch.Generator().manual_seed(1))
-    c = D.random_crop_flip(x, torch.Generator().manual_seed(2))
+    a = P.random_crop_flip(x, torch.Generator().manual_seed(1))
+    b = P.random_crop_flip(x, torch.Generator().manual_seed(1))
+    c = P.random_crop_flip(x, torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_device_batches_cover_each_epoch_and_repeat_per_seed(data_root):
     split = D.load_cifar100(data_root, download=False).train
-    batches = D.DeviceBatches(split, 64, torch.device("cpu"), train=True, seed=0)
+    batches = P.DeviceBatches(split, 64, torch.device("cpu"), train=True, seed=0)
     assert len(batches) == 400 // 64
     labels = torch.cat([y for _, y in batches])
     assert len(labels) == 6 * 64 and len(set(labels.tolist())) > 90
     first = [x.clone() for x, _ in batches]
-    again = [x for x, _ in D.DeviceBatches(split, 64, torch.device("cpu"), train=True, seed=0)]
+    again = [x for x, _ in P.DeviceBatches(split, 64, torch.device("cpu"), train=True, seed=0)]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     batches.set_epoch(1)
     assert not torch.equal(first[0], next(iter(batches))[0])
-    evals = D.DeviceBatches(split, 64, torch.device("cpu"), train=False)
+    evals = P.DeviceBatches(split, 64, torch.device("cpu"), train=False)
     assert len(evals) == 7 and torch.equal(torch.cat([x for x, _ in evals]), split.images)
 
 

@@ -90,3 +90,24 @@ def test_ci_runs_the_readme_install_and_test_commands():
     ci = (ROOT / ".ci" / "run").read_text()
     assert 'pip install -e ".[test]"' in readme and 'pip install --quiet -e ".[test]"' in ci
     assert "python -m pytest" in readme and "\npython -m pytest" in ci
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_loads_and_states_its_expectation(recipe):
+    from cifar_exp.config import load_config
+
+    cfg = load_config(recipe)
+    text = recipe.read_text()
+    assert cfg.model in ("cnn", "resnet18")
+    assert re.search(r"^# (Expected test accuracy|Target): .*\d+%", text, re.M), "states the accuracy it aims at"
+    assert "# Source: " in text and "NOT measured here" in text
+    assert f"cifar-exp train --config recipes/{recipe.name}" in text
+    assert f"recipes/{recipe.name}" in (ROOT / "README.md").read_text()
+
+
+def test_there_is_a_recipe_per_model():
+    from cifar_exp.config import load_config
+
+    configs = [load_config(p) for p in (ROOT / "recipes").glob("*.yaml")]
+    assert {(c.model, c.stem, c.pretrained) for c in configs} == {
+        ("resnet18", "imagenet", "imagenet"), ("resnet18", "cifar", "none"), ("cnn", "imagenet", "imagenet")}

@@ -213,12 +213,17 @@ def test_four_trainings_at_once(server, data_root):
     procs = [Proc("train", "--data-dir", str(data_root), "--download", "false", "--device", "cpu", "--width", "8",
                   "--batch-size", "32", "--epochs", "2", "--log-model", "false", "--experiment-name", "together",
                   "--seed", str(seed), env={"MLFLOW_TRACKING_URI": server.url}) for seed in range(4)]
+    outs = []
     for p in procs:
         code, out = p.finish(timeout=600)
         assert code == 0, out
+        outs.append(out.splitlines()[0])
     c = MlflowClient(server.url)
     runs = c.search_runs([c.get_experiment_by_name("together").experiment_id])
-    assert len(runs) == 4 and {r.data.params["seed"] for r in runs} == {"0", "1", "2", "3"}
+    everywhere = [(r.info.experiment_id, r.info.run_name, r.info.status) for r in
+                  c.search_runs([e.experiment_id for e in c.search_experiments()])]
+    assert len(runs) == 4, (everywhere, outs)
+    assert {r.data.params["seed"] for r in runs} == {"0", "1", "2", "3"}
     for r in runs:
         assert r.info.status == "FINISHED"
         for key in EPOCH_METRICS:

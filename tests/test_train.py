@@ -104,10 +104,10 @@ def test_backbone_gets_lower_lr_only_when_pretrained(tmp_path):
 
 
 def test_mixup_cutmix_make_soft_targets(tiny_cfg, recorder, tmp_path):
-    mixer = T._mixer(TrainConfig(mixup_alpha=0.2, cutmix_alpha=1.0))
+    mixer = T.build_mixer(TrainConfig(mixup_alpha=0.2, cutmix_alpha=1.0))
     x, y = mixer(torch.randn(8, 3, 32, 32), torch.arange(8))
     assert y.shape == (8, 100) and torch.allclose(y.sum(1), torch.ones(8))
-    assert T._mixer(TrainConfig()) is None
+    assert T.build_mixer(TrainConfig()) is None
     result = T.run(tiny_cfg(epochs=1, mixup_alpha=0.2, cutmix_alpha=1.0, label_smoothing=0.1), recorder,
                    workdir=tmp_path / "ck")
     assert np.isfinite(result.history[0]["train_loss"])
