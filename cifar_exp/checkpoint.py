@@ -17,11 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError, TrainConfig, make_config
+from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig, make_config
 
 LAST, BEST = "last.pt", "best.pt"
-# What may differ when a run is resumed: more epochs, or the same data found elsewhere.
-RESUMABLE_CHANGES = ("epochs", "data_dir")
+
 FOLDER = "checkpoints"  # locally under the run's workdir, and the run's artifact path
 
 

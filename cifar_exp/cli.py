@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sys
 import typing
 from pathlib import Path
@@ -30,7 +29,7 @@ def _click_type(annotation) -> tuple[click.ParamType, bool]:
 
 def _require_tracking() -> None:
     """One clear line, at once, when the tracking server is down (MLflow would retry for minutes)."""
-    from .tracking import TrackingError, check_tracking_server
+    from .runs import TrackingError, check_tracking_server
 
     try:
         check_tracking_server()
@@ -57,45 +56,17 @@ def cli() -> None:
     """Train and compare CIFAR-100 models, tracked in MLflow."""
 
 
-class StopOnSignal:
-    """First SIGINT/SIGTERM: finish the batch, save a checkpoint, end the run KILLED. A second: stop at once."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def __enter__(self) -> "StopOnSignal":
-        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum: int, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.signum is not None:
-            raise KeyboardInterrupt(f"{name} again: stopped at once")
-        self.signum = signum
-        click.echo(f"\n{name}: finishing this batch and saving a checkpoint (send it again to stop at once)", err=True)
-
-    def __call__(self) -> bool:
-        return self.signum is not None
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + (self.signum or signal.SIGINT)
-
-
 @cli.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               help="YAML or JSON file of config fields; flags override it.")
 @click.option("--resume", "resume_id", metavar="RUN_ID",
               help="Continue this KILLED or FAILED run from its last checkpoint; only --epochs and --data-dir may change.")
+@click.option("--nproc-per-node", type=click.IntRange(1), default=1, show_default=True,
+              help="Train on N processes (GPUs) of this machine through torchrun; --batch-size is per process.")
 @config_options
-def train(config_file: Path | None, resume_id: str | None, **overrides) -> None:
+def train(config_file: Path | None, resume_id: str | None, nproc_per_node: int, **overrides) -> None:
     """Train one model, test its best checkpoint, and log everything to MLflow."""
-    from .checkpoint import RESUMABLE_CHANGES, resume_config
-    from .config import given_values, make_config
+    from .config import RESUMABLE_CHANGES, given_values, make_config
 
     if resume_id:  # MLproject's resume entry point passes 0 and "" for "as the run had it"
         overrides = {k: None if k in RESUMABLE_CHANGES and v in (0, "") else v for k, v in overrides.items()}
@@ -104,44 +75,34 @@ def train(config_file: Path | None, resume_id: str | None, **overrides) -> None:
         cfg = make_config(given)  # before torch and mlflow load: a typo in a flag answers at once
     except ConfigError as e:
         _fail(str(e))
-    from . import tracking
+    if nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        from .launch import relaunch_under_torchrun
 
-    try:
-        tracking.check_tracking_server()
-        point = tracking.load_resume_point(resume_id) if resume_id else None
-        if point is not None:
-            cfg = resume_config(point.state, given, resume_id)
-    except (ConfigError, tracking.TrackingError) as e:
-        _fail(str(e))
-    from . import train as T
+        relaunch_under_torchrun(nproc_per_node, sys.argv[1:])
+    from . import launch
     from .data import DataError
+    from .runs import TrackingError
 
     try:
-        prepared = T.prepare(cfg)  # bad data or weights fail here, before a run exists
-        if point is not None and point.dataset_digest not in (None, prepared.data.digest):
-            raise DataError(f"data_dir: {cfg.data_path} holds a different dataset (digest {prepared.data.digest}) "
-                            f"than run {resume_id} trained on ({point.dataset_digest})")
-    except (ConfigError, DataError) as e:
+        plan = launch.plan(cfg, given, resume_id)
+    except (ConfigError, DataError, TrackingError) as e:
         _fail(str(e))
-
-    run_id = resume_id
-    with StopOnSignal() as stop:
+    with launch.StopOnSignal(lambda m: click.echo(m, err=True)) as stop:
         try:
-            with tracking.resumed_run(point) if point else tracking.mlflow_run(cfg) as tracker:
-                run_id = tracker.run_id
-                click.echo(f"run {run_id} in experiment '{tracker.experiment_name}'"
-                           + (f", resumed at epoch {point.state['next_epoch'] + 1}" if point else ""))
-                result = T.run(cfg, tracker, prepared, tracker.workdir, point.state if point else None, stop)
+            result = launch.execute(plan, stop, click.echo)
         except KeyboardInterrupt as e:
-            _fail(f"{e or 'interrupted'}; run {run_id} ended KILLED. Resume it with: cifar-exp train --resume {run_id}",
-                  stop.exit_code)
-        except (ConfigError, DataError, tracking.TrackingError) as e:
+            if not plan.dist.main:
+                sys.exit(stop.exit_code)
+            _fail(f"{e or 'interrupted'}; run {plan.run_id} ended KILLED. "
+                  f"Resume it with: cifar-exp train --resume {plan.run_id}", stop.exit_code)
+        except (ConfigError, DataError, TrackingError) as e:
             _fail(str(e))
         except Exception:
-            click.echo(f"run {run_id} ended FAILED (traceback below and in its error.txt); "
-                       f"after fixing the cause: cifar-exp train --resume {run_id}", err=True)
+            click.echo(f"run {plan.run_id} ended FAILED (traceback below and in its error.txt); "
+                       f"after fixing the cause: cifar-exp train --resume {plan.run_id}", err=True)
             raise
-    _report(cfg, result, run_id)
+    if result is not None:  # rank 0
+        _report(plan.cfg, result, plan.run_id)
 
 
 def _report(cfg: TrainConfig, result, run_id: str) -> None:
@@ -194,7 +155,9 @@ def sweep(models, seeds, params, sweep_name, config_file, **overrides) -> None:
     _require_tracking()
     grid = {"models": ",".join(models), "seeds": ",".join(map(str, seeds)), **{k: ",".join(v) for k, v in axes.items()}}
     experiment = configs[0].experiment_name
-    with StopOnSignal() as stop:
+    from .launch import StopOnSignal
+
+    with StopOnSignal(lambda m: click.echo(m, err=True)) as stop:
         try:
             parent, experiment, rows = S.run_sweep(configs, experiment, sweep_name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
                                                    grid, stop, click.echo)
@@ -225,7 +188,7 @@ def evaluate(model_uri, run_id, data_dir, download, into_source_run, experiment_
     from .config import default_data_dir
     from .data import DataError, load_cifar100
     from .evaluate import evaluate_model
-    from .tracking import log_reevaluation
+    from .runs import log_reevaluation
 
     try:
         uri = model_uri or registry.model_uri_for_run(run_id)

@@ -266,7 +266,7 @@ def write_report(result: Comparison, out_dir: Path) -> list[Path]:
 
 def log_comparison(result: Comparison, files: list[Path]) -> str:
     """A `comparison` run in the same experiment, holding the report and tagged with the compared runs."""
-    from .tracking import tracked_run
+    from .runs import tracked_run
 
     ids = ",".join(result.runs["run_id"])
     tags = {"run_kind": "comparison", "metric": result.metric, "compared_run_count": str(len(result.runs)),

@@ -15,6 +15,8 @@ DEFAULT_DATA_DIR = "~/.cache/cifar_exp/data"
 # Resolution each model gets when input_size is 0: the ImageNet stem of ResNet-18 leaves a 1x1
 # map at layer4 on 32x32 inputs, which is why the source report stalled near 58%.
 AUTO_INPUT_SIZE = {"cnn": 32, "resnet18": 224}
+# What may differ when a run is resumed: more epochs, or the same data found elsewhere.
+RESUMABLE_CHANGES = ("epochs", "data_dir")
 
 
 def default_data_dir() -> Path:

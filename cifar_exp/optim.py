@@ -11,15 +11,20 @@ from .data import NUM_CLASSES
 from .models import head_parameter_names
 
 
-def build_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
-    """SGD; a pretrained backbone trains at lr x backbone_lr_scale so fine-tuning does not wreck it."""
+def build_optimizer(net: nn.Module, cfg: TrainConfig, world_size: int = 1) -> torch.optim.SGD:
+    """SGD; a pretrained backbone trains at lr x backbone_lr_scale so fine-tuning does not wreck it.
+
+    Under torchrun, `batch_size` is per process, so the global batch is world_size x batch_size and
+    the lr grows with it (the linear scaling rule, Goyal et al. 2017); the warmup keeps the start gentle.
+    """
+    lr = cfg.lr * world_size
     head = head_parameter_names(net)
     scale = cfg.backbone_lr_scale if cfg.model == "resnet18" and cfg.pretrained != "none" else 1.0
     groups = [
-        {"params": [p for n, p in net.named_parameters() if n in head], "lr": cfg.lr},
-        {"params": [p for n, p in net.named_parameters() if n not in head], "lr": cfg.lr * scale},
+        {"params": [p for n, p in net.named_parameters() if n in head], "lr": lr},
+        {"params": [p for n, p in net.named_parameters() if n not in head], "lr": lr * scale},
     ]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
 
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:

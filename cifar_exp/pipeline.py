@@ -48,11 +48,13 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, pad: int 
 class _Batches:
     """The epoch plan both paths share: one permutation per epoch, full batches only when training."""
 
-    def __init__(self, n: int, batch_size: int, device: torch.device, *, train: bool, seed: int = 0):
+    def __init__(self, n: int, batch_size: int, device: torch.device, *, train: bool, seed: int = 0,
+                 rank: int = 0, world: int = 1):
         self.n, self.batch_size, self.device, self.train, self.seed, self.epoch = n, batch_size, device, train, seed, 0
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
-        return self.n // self.batch_size if self.train else -(-self.n // self.batch_size)
+        return (self.n // self.world) // self.batch_size if self.train else -(-self.n // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -65,8 +67,12 @@ class _Batches:
         bs = self.batch_size
         if not self.train:
             return list(torch.arange(self.n).split(bs))[start:], None
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        key = self.seed * 100_003 + self.epoch
+        g = torch.Generator().manual_seed(key)
         perm = torch.randperm(self.n, generator=g)
+        if self.world > 1:  # DistributedSampler's split: each rank a disjoint, equal share of the one permutation
+            perm = perm[: (self.n // self.world) * self.world][self.rank :: self.world]
+            g = torch.Generator().manual_seed(key * 1_000 + self.rank)  # and crops of its own
         for _ in range(start):  # a resumed epoch: draw what the skipped batches drew, so the rest match
             _crop_flip_draws(bs, g)
         return [perm[i * bs : (i + 1) * bs] for i in range(start, len(self))], g  # drop_last: full batches
@@ -78,8 +84,9 @@ class _Batches:
 class DeviceBatches(_Batches):
     """The split lives on the device; each batch is a gather there."""
 
-    def __init__(self, split: Split, batch_size: int, device: torch.device, *, train: bool, seed: int = 0):
-        super().__init__(len(split), batch_size, device, train=train, seed=seed)
+    def __init__(self, split: Split, batch_size: int, device: torch.device, *, train: bool, seed: int = 0,
+                 rank: int = 0, world: int = 1):
+        super().__init__(len(split), batch_size, device, train=train, seed=seed, rank=rank, world=world)
         self.images = split.images.to(device, non_blocking=True)
         self.labels = split.labels.to(device, non_blocking=True)
 
@@ -98,8 +105,8 @@ class LoaderBatches(_Batches):
     """The classic path: DataLoader workers gather batches in host memory, pinned for the copy."""
 
     def __init__(self, split: Split, batch_size: int, device: torch.device, *, train: bool, seed: int = 0,
-                 workers: int = 2):
-        super().__init__(len(split), batch_size, device, train=train, seed=seed)
+                 rank: int = 0, world: int = 1, workers: int = 2):
+        super().__init__(len(split), batch_size, device, train=train, seed=seed, rank=rank, world=world)
         self.dataset = TensorDataset(split.images, split.labels)
         self.workers = workers
 
@@ -115,7 +122,10 @@ class LoaderBatches(_Batches):
 
 
 def make_batches(split: Split, batch_size: int, device: torch.device, *, train: bool, seed: int = 0,
-                 loader: str = "device", workers: int = 2) -> _Batches:
+                 loader: str = "device", workers: int = 2, rank: int = 0, world: int = 1) -> _Batches:
+    """Training batches are this rank's shard under torchrun; evaluation batches cover the whole split."""
+    if not train:
+        rank, world = 0, 1
     if loader == "dataloader":
-        return LoaderBatches(split, batch_size, device, train=train, seed=seed, workers=workers)
-    return DeviceBatches(split, batch_size, device, train=train, seed=seed)
+        return LoaderBatches(split, batch_size, device, train=train, seed=seed, rank=rank, world=world, workers=workers)
+    return DeviceBatches(split, batch_size, device, train=train, seed=seed, rank=rank, world=world)

@@ -30,12 +30,10 @@ def _first_line(e: Exception) -> str:
 
 def model_uri_for_run(run_id: str) -> str:
     """The model a training run logged."""
+    from .runs import find_run
+
     client = MlflowClient()
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise ModelError(f"run id {run_id!r} not found in {mlflow.get_tracking_uri()}; "
-                         "is MLFLOW_TRACKING_URI the store that has it?") from None
+    run = find_run(run_id, ModelError, "is MLFLOW_TRACKING_URI the store that has it?")
     if uri := run.data.tags.get("model_uri"):
         return uri
     models = client.search_logged_models(

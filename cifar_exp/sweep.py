@@ -38,7 +38,7 @@ def run_sweep(configs: list[TrainConfig], experiment_name: str, name: str, grid:
     Ctrl-C / SIGTERM stops the current child (KILLED, resumable) and the sweep.
     """
     from . import train as T
-    from .tracking import log_sweep_summary, mlflow_run, sweep_run
+    from .runs import log_sweep_summary, mlflow_run, sweep_run
 
     rows: list[dict] = []
     data = {}

@@ -6,7 +6,7 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -20,7 +20,7 @@ from . import data as D
 from . import pipeline as P
 from .config import ConfigError, TrainConfig
 from .evaluate import TSNE_POINTS, evaluate, softmax, stratified_subsample
-from .hardware import amp_dtype, autocast, maybe_compile, pick_device, seed_everything
+from .hardware import agreed, all_reduce, amp_dtype, autocast, current, maybe_compile, pick_device, seed_everything
 from .models import (
     ImageClassifier, Preprocess, WeightsMismatch, build_model, count_parameters, load_backbone, penultimate_features,
 )
@@ -171,11 +171,15 @@ def run(cfg: TrainConfig, tracker: "Tracker", prepared: Prepared | None = None, 
     """Train (or continue the checkpoint `resume`), test the best epoch, and report it all to `tracker`.
 
     Checkpoints go to `workdir`/checkpoints after every epoch. When `should_stop()` turns true, the
-    current batch finishes, a checkpoint is saved and `Interrupted` is raised.
+    current batch finishes, a checkpoint is saved and `Interrupted` is raised. Under torchrun every
+    rank trains on its shard; only rank 0 writes checkpoints, reports and tests.
     """
     p = prepared or prepare(cfg)
     data, train_split, val_split = p.data, p.train, p.val
     device = pick_device(cfg.device)
+    dist = current()
+    if dist.world > 1 and should_stop is not None:
+        should_stop = agreed(should_stop, device)
     if resume is None:
         tracker.log_dataset(data, {"train": train_split, "validation": val_split, "test": data.test})
 
@@ -183,12 +187,19 @@ def run(cfg: TrainConfig, tracker: "Tracker", prepared: Prepared | None = None, 
     net = p.net.to(device)
     if cfg.channels_last:  # NHWC convolutions: faster on CUDA tensor cores and, measured here, on CPU too
         net = net.to(memory_format=torch.channels_last)
-    model = maybe_compile(net, cfg)  # runs the steps; `net` holds the weights that are saved
+    # `model` runs the steps (compiled, and DDP across ranks); `net` holds the weights that are saved.
+    model = maybe_compile(net, cfg)
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = maybe_compile(DistributedDataParallel(net, device_ids=[dist.local_rank] if device.type == "cuda" else None), cfg)
+    evaluator = model if dist.world == 1 else net  # ranks evaluate alone: no collective calls there
     prep = Preprocess(cfg.image_size).to(device)
-    batches = partial(P.make_batches, device=device, seed=cfg.seed, loader=cfg.loader, workers=cfg.workers)
+    batches = partial(P.make_batches, device=device, seed=cfg.seed, loader=cfg.loader, workers=cfg.workers,
+                      rank=dist.rank, world=dist.world)
     train_batches = batches(train_split, cfg.batch_size, train=True)
     val_batches = batches(val_split, cfg.batch_size * 2, train=False)
-    opt = build_optimizer(net, cfg)
+    opt = build_optimizer(net, cfg, dist.world)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device, cfg.amp) == torch.float16)
     sched = build_scheduler(opt, cfg, len(train_batches))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -202,6 +213,8 @@ def run(cfg: TrainConfig, tracker: "Tracker", prepared: Prepared | None = None, 
         if resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
         next_epoch, progress, history = resume["next_epoch"], EpochProgress(**resume["progress"]), list(resume["history"])
+        if not dist.main:  # the saved totals are global already; the sum over ranks must count them once
+            progress = EpochProgress(batches=progress.batches, lr=progress.lr)
         best_acc, best_epoch = resume["best_val_accuracy"], resume["best_epoch"]
         logged = tracker.logged_steps()
         for step, m in enumerate(history):  # a kill between checkpoint and log_metrics leaves one unlogged
@@ -222,21 +235,32 @@ def run(cfg: TrainConfig, tracker: "Tracker", prepared: Prepared | None = None, 
                                    progress, should_stop, scaler)
         if bar is not None:
             bar.close()
+        if dist.world > 1:  # every rank saw its own shard: the epoch's totals are the sums
+            loss_sum, correct, seen = all_reduce([progress.loss_sum, progress.correct, progress.seen], device)
+            progress = replace(progress, loss_sum=loss_sum, correct=int(correct), seen=int(seen),
+                               seconds=all_reduce([progress.seconds], device, "max")[0])
         if progress.batches < len(train_batches):  # stopped mid-epoch: keep the partial epoch too
-            save_last(epoch)
-            tracker.log_checkpoint(ckpt_dir / C.LAST)
+            if dist.main:
+                save_last(epoch)
+                tracker.log_checkpoint(ckpt_dir / C.LAST)
             raise Interrupted(f"stopped in epoch {epoch + 1}/{cfg.epochs} after batch {progress.batches}/{len(train_batches)}")
         metrics = {
             "train_loss": progress.loss_sum / progress.seen, "train_accuracy": progress.correct / progress.seen,
-            **_val_metrics(*predict_logits(model, prep, val_batches, device, cfg)),
+            **_val_metrics(*predict_logits(evaluator, prep, val_batches, device, cfg)),
             "lr": progress.lr, "epoch_seconds": progress.seconds, "images_per_second": progress.seen / progress.seconds,
+            "train_images": progress.seen,
         }
         history.append(metrics)
         improved = metrics["val_accuracy"] > best_acc
         if improved:
             best_acc, best_epoch = metrics["val_accuracy"], epoch
-            C.save(ckpt_dir / C.BEST, epoch=epoch, config=cfg.model_dump(mode="json"), model=net.state_dict())
+            if dist.main:
+                C.save(ckpt_dir / C.BEST, epoch=epoch, config=cfg.model_dump(mode="json"), model=net.state_dict())
         progress = EpochProgress()
+        if not dist.main:
+            if should_stop is not None and should_stop():  # the same collective calls as rank 0 makes
+                raise Interrupted(f"stopped after epoch {epoch + 1}/{cfg.epochs}")
+            continue
         save_last(epoch + 1)
         # Logged after the checkpoint is saved, so no epoch is ever logged twice (resume logs what is missing).
         tracker.log_metrics(metrics, step=epoch)
@@ -246,9 +270,11 @@ def run(cfg: TrainConfig, tracker: "Tracker", prepared: Prepared | None = None, 
         if should_stop is not None and should_stop():
             raise Interrupted(f"stopped after epoch {epoch + 1}/{cfg.epochs}")
 
+    if not dist.main:
+        return TrainResult(history, best_epoch, {}, net)
     net.load_state_dict(C.load(ckpt_dir / C.BEST, device)["model"])
     test_batches = batches(data.test, cfg.batch_size * 2, train=False)
-    logits, labels = predict_logits(model, prep, test_batches, device, cfg)
+    logits, labels = predict_logits(evaluator, prep, test_batches, device, cfg)
     probs = softmax(logits)
     sample = stratified_subsample(labels, TSNE_POINTS, cfg.seed)
     images = data.test.images[torch.from_numpy(sample)].to(device)

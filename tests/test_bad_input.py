@@ -108,7 +108,7 @@ CASES = [
     ("an unknown experiment for compare", lambda c: ["compare", "--experiment-name", "ghost"],
      "Error: experiment 'ghost' not found; experiments here: Default"),
     ("an unknown run id for resume", lambda c: ["train", "--resume", "nope"],
-     re.compile(r"Error: --resume: no run 'nope' in the tracking store sqlite:///.*; copy the id from the run's "
+     re.compile(r"Error: --resume: run id 'nope' not found in sqlite:///.*; copy the id from the run's "
                 r"resume_command tag")),
     ("an unknown run id for evaluate", lambda c: ["evaluate", "--run-id", "nope"],
      re.compile(r"Error: run id 'nope' not found in sqlite:///.*mlflow\.db; is MLFLOW_TRACKING_URI the store that has it\?")),

@@ -17,7 +17,7 @@ from fakedata import write_fake_cifar100
 from mlflow import MlflowClient
 
 from cifar_exp import train as T
-from cifar_exp import tracking
+from cifar_exp import runs, tracking
 from cifar_exp.cli import main
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_top5_accuracy", "lr")
@@ -168,7 +168,7 @@ def test_upload_is_retried_then_kept_locally_with_the_command_to_send_it(trackin
 
     ckpt = tmp_path / "last.pt"
     ckpt.write_bytes(b"weights")
-    with tracking.tracked_run("uploads") as run:
+    with runs.tracked_run("uploads") as run:
         tracker = tracking.MlflowTracker(run.info.run_id, "uploads", tmp_path)
         monkeypatch.setattr(mlflow, "log_artifact", flaky)
         assert tracker.upload(ckpt, "checkpoints") and len(attempts) == 3
@@ -203,8 +203,8 @@ def test_a_server_that_refuses_this_host_is_named(monkeypatch):
     uri = f"http://127.0.0.1:{server.server_port}"
     monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: uri)
     try:
-        with pytest.raises(tracking.TrackingError, match=r"unreachable: Forbidden \(a 403 means the server's "
+        with pytest.raises(runs.TrackingError, match=r"unreachable: Forbidden \(a 403 means the server's "
                                                          r"--allowed-hosts lacks this host\)"):
-            tracking.check_tracking_server()
+            runs.check_tracking_server()
     finally:
         server.shutdown()

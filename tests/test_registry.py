@@ -19,7 +19,7 @@ from PIL import Image
 from cifar_exp import registry
 from cifar_exp import train as T
 from cifar_exp.config import TrainConfig
-from cifar_exp.tracking import mlflow_run
+from cifar_exp.runs import mlflow_run
 
 X = np.random.default_rng(7).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
 

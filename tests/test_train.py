@@ -8,7 +8,7 @@ from cifar_exp.config import ConfigError, TrainConfig
 from cifar_exp.models import build_model
 
 EPOCH_KEYS = {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_top5_accuracy", "lr",
-              "epoch_seconds", "images_per_second"}
+              "epoch_seconds", "images_per_second", "train_images"}
 
 
 def test_run_reports_every_epoch_and_the_test_set(tiny_cfg, recorder, tmp_path):
