@@ -54,6 +54,7 @@ def tracking_uri(tmp_path, monkeypatch) -> str:
     import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)  # a sqlite store puts artifacts in ./mlruns of the working directory
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     reset_mlflow_state()

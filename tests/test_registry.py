@@ -30,6 +30,7 @@ def store(tmp_path_factory, data_root):
     tmp = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)  # the store's artifacts go to ./mlruns
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         reset_mlflow_state()
         mlflow.set_tracking_uri(uri)
