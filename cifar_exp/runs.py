@@ -250,7 +250,8 @@ def resumed_run(point: ResumePoint) -> Iterator[MlflowTracker]:
         client.set_tag(launcher, "mlflow.note.content", f"This launch resumed run {point.run_id}; its results are there.")
     with tracked_run(run_id=point.run_id) as run:
         for tag in ("resume_command", "error"):
-            _quietly(lambda: MlflowClient().delete_tag(point.run_id, tag))
+            if tag in run.data.tags:  # a run killed with SIGKILL has neither, and deleting a missing tag raises
+                MlflowClient().delete_tag(point.run_id, tag)
         mlflow.set_tag("resumed", str(point.resumed + 1))
         with _training(run.info.run_id, point.experiment_name) as tracker:
             yield tracker

@@ -154,6 +154,12 @@ def test_resume_refuses_a_finished_run_and_a_changed_config(data_root, tracking_
                          "may change when resuming (start a new run to change more)")
     assert c.get_run(run.info.run_id).info.status == "KILLED"  # refused before the run was touched
 
+    # A run with no error or resume_command tag (as after a SIGKILL) resumes without complaint.
+    c.set_terminated(run.info.run_id, "KILLED")
+    assert _cli(["train", "--resume", run.info.run_id, "--epochs", "2"], monkeypatch) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert c.get_run(run.info.run_id).info.status == "FINISHED"
+
 
 def test_upload_is_retried_then_kept_locally_with_the_command_to_send_it(tracking_uri, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(tracking, "UPLOAD_RETRY_SECONDS", 0.01)
