@@ -11,7 +11,6 @@ import random
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,6 @@ import torch
 from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig, make_config
 
 LAST, BEST = "last.pt", "best.pt"
-
 FOLDER = "checkpoints"  # locally under the run's workdir, and the run's artifact path
 
 

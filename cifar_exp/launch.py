@@ -82,6 +82,7 @@ def plan(cfg: TrainConfig, given: dict[str, Any], resume_id: str | None) -> Plan
     from . import train as T
     from .data import DataError
     from .hardware import init_distributed
+    from .optim import scaled_lr
 
     dist = init_distributed(cfg.device)
     point, state = None, None
@@ -105,7 +106,7 @@ def plan(cfg: TrainConfig, given: dict[str, Any], resume_id: str | None) -> Plan
     tags = {}
     if dist.world > 1:
         tags = {"world_size": str(dist.world), "global_batch_size": str(dist.world * cfg.batch_size),
-                "effective_lr": str(dist.world * cfg.lr)}
+                "effective_lr": str(scaled_lr(cfg, dist.world))}
     return Plan(cfg, dist, prepared, point, state, resume_id, tags)
 
 

@@ -11,13 +11,15 @@ from .data import NUM_CLASSES
 from .models import head_parameter_names
 
 
-def build_optimizer(net: nn.Module, cfg: TrainConfig, world_size: int = 1) -> torch.optim.SGD:
-    """SGD; a pretrained backbone trains at lr x backbone_lr_scale so fine-tuning does not wreck it.
+def scaled_lr(cfg: TrainConfig, world_size: int) -> float:
+    """Under torchrun, `batch_size` is per process, so the global batch is world_size x batch_size and
+    the lr grows with it (the linear scaling rule, Goyal et al. 2017); the warmup keeps the start gentle."""
+    return cfg.lr * world_size
 
-    Under torchrun, `batch_size` is per process, so the global batch is world_size x batch_size and
-    the lr grows with it (the linear scaling rule, Goyal et al. 2017); the warmup keeps the start gentle.
-    """
-    lr = cfg.lr * world_size
+
+def build_optimizer(net: nn.Module, cfg: TrainConfig, world_size: int = 1) -> torch.optim.SGD:
+    """SGD at `scaled_lr`; a pretrained backbone trains at lr x backbone_lr_scale so fine-tuning does not wreck it."""
+    lr = scaled_lr(cfg, world_size)
     head = head_parameter_names(net)
     scale = cfg.backbone_lr_scale if cfg.model == "resnet18" and cfg.pretrained != "none" else 1.0
     groups = [

@@ -6,6 +6,7 @@ the traceback in error.txt) or KILLED (Ctrl-C / SIGTERM). No run is left RUNNING
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import shutil
@@ -32,6 +33,7 @@ from .evaluate import Evaluation
 from .tracking import MlflowTracker, write_evaluation
 
 
+@functools.cache  # a sweep tags every child with it: ask git once per process
 def _git_commit() -> str | None:
     here = Path(__file__).resolve().parent
     try:

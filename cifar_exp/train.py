@@ -187,12 +187,13 @@ def run(cfg: TrainConfig, tracker: "Tracker", prepared: Prepared | None = None, 
     net = p.net.to(device)
     if cfg.channels_last:  # NHWC convolutions: faster on CUDA tensor cores and, measured here, on CPU too
         net = net.to(memory_format=torch.channels_last)
-    # `model` runs the steps (compiled, and DDP across ranks); `net` holds the weights that are saved.
-    model = maybe_compile(net, cfg)
+    # `model` runs the steps (DDP across ranks, compiled); `net` holds the weights that are saved.
+    model = net
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = maybe_compile(DistributedDataParallel(net, device_ids=[dist.local_rank] if device.type == "cuda" else None), cfg)
+        model = DistributedDataParallel(net, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+    model = maybe_compile(model, cfg)
     evaluator = model if dist.world == 1 else net  # ranks evaluate alone: no collective calls there
     prep = Preprocess(cfg.image_size).to(device)
     batches = partial(P.make_batches, device=device, seed=cfg.seed, loader=cfg.loader, workers=cfg.workers,
@@ -257,17 +258,14 @@ def run(cfg: TrainConfig, tracker: "Tracker", prepared: Prepared | None = None, 
             if dist.main:
                 C.save(ckpt_dir / C.BEST, epoch=epoch, config=cfg.model_dump(mode="json"), model=net.state_dict())
         progress = EpochProgress()
-        if not dist.main:
-            if should_stop is not None and should_stop():  # the same collective calls as rank 0 makes
-                raise Interrupted(f"stopped after epoch {epoch + 1}/{cfg.epochs}")
-            continue
-        save_last(epoch + 1)
-        # Logged after the checkpoint is saved, so no epoch is ever logged twice (resume logs what is missing).
-        tracker.log_metrics(metrics, step=epoch)
-        for name in ([C.BEST] if improved else []) + [C.LAST]:
-            tracker.log_checkpoint(ckpt_dir / name)
-        print(f"epoch {epoch + 1}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
-        if should_stop is not None and should_stop():
+        if dist.main:
+            save_last(epoch + 1)
+            # Logged after the checkpoint is saved, so no epoch is ever logged twice (resume logs what is missing).
+            tracker.log_metrics(metrics, step=epoch)
+            for name in ([C.BEST] if improved else []) + [C.LAST]:
+                tracker.log_checkpoint(ckpt_dir / name)
+            print(f"epoch {epoch + 1}/{cfg.epochs} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        if should_stop is not None and should_stop():  # every rank asks: under torchrun it is a collective call
             raise Interrupted(f"stopped after epoch {epoch + 1}/{cfg.epochs}")
 
     if not dist.main:
